@@ -1,0 +1,5 @@
+import sys
+
+from maskteacher.cli import main
+
+sys.exit(main())
