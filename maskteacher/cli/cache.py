@@ -1,0 +1,212 @@
+"""``maskteacher cache inspect|verify|merge|view``: share and check teacher caches."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from maskteacher.errors import UserError
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("cache", help="inspect, verify, merge and view teacher caches")
+    sub = parser.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+
+    p = sub.add_parser(
+        "inspect", help="summarise a cache (images, masks, bytes, codec, teacher, failures)"
+    )
+    p.add_argument("path", help="cache folder or fsspec URL")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run_inspect)
+
+    p = sub.add_parser(
+        "verify", help="recompute checksums and decode everything; exit 1 if anything is bad"
+    )
+    p.add_argument("path", help="cache folder or fsspec URL")
+    p.add_argument("--json", action="store_true", help="print a JSON report")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_verify)
+
+    p = sub.add_parser("merge", help="combine caches (e.g. one per worker) into OUT")
+    p.add_argument("out", help="output cache folder (new, or an existing compatible cache)")
+    p.add_argument("paths", nargs="+", help="input cache folders")
+    p.add_argument(
+        "--copy", action="store_true", help="copy shard files instead of hard-linking them"
+    )
+    p.set_defaults(func=run_merge)
+
+    p = sub.add_parser(
+        "view", help="draw one image with its teacher masks and ground-truth outlines"
+    )
+    p.add_argument("path", help="cache folder or fsspec URL")
+    p.add_argument("image_id", help="image id as stored in the cache")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument(
+        "--split", default=None, help="split holding the image (needed if the id is in both)"
+    )
+    p.add_argument(
+        "--image",
+        default=None,
+        help="the image file (default: the source path recorded in the cache)",
+    )
+    p.set_defaults(func=run_view)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from maskteacher.cache_format.verify import inspect_cache
+
+    info = inspect_cache(args.path)
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        print(format_inspect(info))
+    return 0
+
+
+def format_inspect(info: dict[str, Any]) -> str:
+    def spread(s: dict[str, Any]) -> str:
+        return (
+            "-" if s["min"] is None else f"min {s['min']}, median {s['median']:g}, max {s['max']}"
+        )
+
+    q = info["quantisation"]
+    codec = info["codec"]
+    lines = [
+        f"cache       {info['path']}",
+        f"format      version {info['format_version']}, backend {info['backend']}",
+        f"teacher     {info['teacher']['type']} (checkpoint sha256 {info['teacher']['checkpoint_sha256']})",
+        f"image_size  {info['image_size']}",
+        f"codec       {codec['name']}, clip {codec['clip']:g}, zstd level {codec['zstd_level']}",
+        "store       " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in info["store"].items()),
+        f"images      {info['images']} in {info['shards']} shards ("
+        + ", ".join(f"{k}: {v}" for k, v in sorted(info["splits"].items()))
+        + ")",
+        f"masks/image {spread(info['masks_per_image'])}",
+        f"gt/image    {spread(info['gt_masks_per_image'])}",
+        f"bytes       {info['bytes']} total"
+        + (
+            f", {info['bytes_per_image'] / 1e3:.1f} KB per image" if info["bytes_per_image"] else ""
+        ),
+        "quantised   "
+        + (
+            "-"
+            if q["max_err_inside_8"] is None
+            else f"max clipped fraction {q['clipped_fraction_max']:.4f}, max error inside |logit|<8 {q['max_err_inside_8']:.4f}"
+        ),
+        "params      " + json.dumps(info["params"], sort_keys=True),
+        f"failed      {len(info['failed_images'])} images",
+    ]
+    lines += [f"  {f['split']}/{f['image_id']}: {f['reason']}" for f in info["failed_images"]]
+    return "\n".join(lines)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from maskteacher.cache_format.verify import verify_cache
+
+    report = verify_cache(args.path, progress=not args.quiet and not args.json)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=1))
+    else:
+        for problem in report.problems:
+            print(f"BAD {problem}")
+        state = "OK" if report.ok else f"{len(report.problems)} problem(s)"
+        print(
+            f"{state}: {report.images_ok}/{report.images} images decoded, {report.files} files in "
+            f"{report.shards} shards checked"
+        )
+    return 0 if report.ok else 1
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from maskteacher.cache_format.merge import merge_caches
+
+    manifest = merge_caches(args.out, args.paths, link=not args.copy)
+    print(
+        f"merged {len(args.paths)} cache(s) into {args.out}: {manifest.images} images in {len(manifest.shards)} shards"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# view
+
+
+def run_view(args: argparse.Namespace) -> int:
+    from maskteacher.cache_format import logits_to_float, open_cache
+    from maskteacher.viz import draw_masks, save_png
+
+    reader = open_cache(args.path, split=args.split)
+    rec = reader[reader.index_of(args.image_id, args.split)]
+    header = reader.header
+    image = _load_image(args.image or _source_path(header, rec), rec)
+    size, input_hw, orig_hw = header.image_size, tuple(rec.input_hw), tuple(rec.orig_hw)
+    teacher = (
+        lowres_to_original(
+            logits_to_float(rec.teacher_logits, header.codec), size, input_hw, orig_hw
+        )
+        > 0
+    )
+    gt = lowres_to_original(rec.gt_masks.astype(np.float32), size, input_hw, orig_hw) > 0.5
+    save_png(args.out, draw_masks(image, teacher, outlines=gt))
+    print(f"wrote {args.out}: {rec.num_masks} teacher masks, {rec.num_gt} ground-truth outlines")
+    return 0
+
+
+def _source_path(header: Any, rec: Any) -> str:
+    root = header.dataset_roots.get(rec.split)
+    if rec.source is None or root is None:
+        raise UserError(f"the cache records no image file for {rec.image_id!r}; pass --image FILE")
+    return os.path.join(root, rec.source)
+
+
+def _load_image(path: str, rec: Any) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise UserError(
+            f"cannot find the image for {rec.image_id!r}: {path} does not exist; pass --image FILE"
+        )
+    try:
+        with Image.open(path) as im:
+            image = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UserError(f"cannot read image {path}: {exc}") from None
+    if image.shape[:2] != tuple(rec.orig_hw):
+        raise UserError(
+            f"image {path} is {image.shape[0]}x{image.shape[1]} (HxW) but the cache recorded "
+            f"{rec.orig_hw[0]}x{rec.orig_hw[1]} for {rec.image_id!r}: wrong --image?"
+        )
+    return image
+
+
+def lowres_to_original(
+    masks: np.ndarray,
+    image_size: int,
+    input_hw: tuple[int, int],
+    orig_hw: tuple[int, int],
+    *,
+    batch: int = 16,
+) -> np.ndarray:
+    """(N, L, L) float low-res frame -> (N, H, W) float original frame.
+
+    segment-anything's ``postprocess_masks``: bilinear up to image_size square, crop the
+    unpadded input (h, w), bilinear to the original (H, W); done in batches to bound memory.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    n = masks.shape[0]
+    out = np.empty((n, int(orig_hw[0]), int(orig_hw[1])), np.float32)
+    for s in range(0, n, batch):
+        x = torch.from_numpy(np.ascontiguousarray(masks[s : s + batch], np.float32))[:, None]
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+        x = x[..., : int(input_hw[0]), : int(input_hw[1])]
+        x = F.interpolate(
+            x, size=(int(orig_hw[0]), int(orig_hw[1])), mode="bilinear", align_corners=False
+        )
+        out[s : s + batch] = x[:, 0].numpy()
+    return out
