@@ -1,0 +1,124 @@
+"""Batched image preprocessing and point-prompt mask decoding for SAM models.
+
+:func:`decode_points` decodes many single-point prompts over many images in one call: the same
+computation as segment-anything's ``MaskDecoder.forward`` (``predict_masks`` + multimask slicing),
+except that each prompt gathers its own image's embedding through ``image_index`` instead of
+repeating one image's embedding. It is built from the model's own submodules, so any
+``segment_anything.modeling.Sam`` (and therefore any registry model) works, with gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from segment_anything.modeling import Sam
+
+
+def preprocess(model: Sam, images: torch.Tensor, input_hw: torch.Tensor) -> torch.Tensor:
+    """Normalise padded images for the image encoder.
+
+    images: (B, 3, S, S) uint8 in the model input frame (resized, zero-padded bottom/right),
+    S == ``model.image_encoder.img_size``; input_hw: (B, 2) int, (h, w) of the unpadded region.
+    Returns (B, 3, S, S) float32 on the model's device: ``(x - pixel_mean) / pixel_std`` inside
+    the image and exactly 0 in the padding -- what ``Sam.preprocess`` gives for the unpadded image.
+    """
+    size = int(model.image_encoder.img_size)
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (size, size):
+        raise ValueError(f"images must be (B, 3, {size}, {size}), got {tuple(images.shape)}")
+    if input_hw.shape != (images.shape[0], 2):
+        raise ValueError(f"input_hw must be ({images.shape[0]}, 2), got {tuple(input_hw.shape)}")
+    device = model.pixel_mean.device
+    images = images.to(device, non_blocking=True)
+    input_hw = input_hw.to(device)
+    normed = (images - model.pixel_mean) / model.pixel_std
+    coords = torch.arange(size, device=device)
+    rows = coords[None, :] < input_hw[:, 0:1]  # (B, S)
+    cols = coords[None, :] < input_hw[:, 1:2]  # (B, S)
+    inside = rows[:, None, :, None] & cols[:, None, None, :]  # (B, 1, S, S)
+    return torch.where(inside, normed, torch.zeros((), dtype=normed.dtype, device=device))
+
+
+@dataclass
+class DecoderOutput:
+    """Mask-decoder outputs for P prompts (K = 3 with multimask output, else 1; L = S / 4).
+
+    low_res_logits: (P, K, L, L) float mask logits in the low-res frame.
+    iou_pred: (P, K) float predicted IoU.
+    tokens: (P, K, C) mask-decoder output tokens of the returned masks (C = decoder width),
+    or None unless requested.
+    """
+
+    low_res_logits: torch.Tensor
+    iou_pred: torch.Tensor
+    tokens: torch.Tensor | None = None
+
+
+def decode_points(
+    model: Sam,
+    image_embeddings: torch.Tensor,
+    points: torch.Tensor,
+    *,
+    image_index: torch.Tensor | None = None,
+    multimask_output: bool,
+    return_tokens: bool = False,
+) -> DecoderOutput:
+    """Decode one positive point prompt per row of ``points`` against its image's embedding.
+
+    image_embeddings: (B, C, E, E) image-encoder output. points: (P, 2) float (x, y) in the
+    model input frame. image_index: (P,) long, the image of each prompt (None: all on image 0,
+    only when B == 1). Equal to ``model.mask_decoder`` run image by image (same multimask
+    slicing: masks 1..3 with ``multimask_output``, else mask 0).
+    """
+    num_images = image_embeddings.shape[0]
+    num_prompts = points.shape[0]
+    if points.ndim != 2 or points.shape[1] != 2:
+        raise ValueError(f"points must be (P, 2), got {tuple(points.shape)}")
+    if image_index is None:
+        if num_images != 1:
+            raise ValueError(f"image_index is required with {num_images} image embeddings")
+        image_index = torch.zeros(num_prompts, dtype=torch.long, device=points.device)
+    elif image_index.shape != (num_prompts,):
+        raise ValueError(f"image_index must be ({num_prompts},), got {tuple(image_index.shape)}")
+
+    decoder = model.mask_decoder
+    selected = range(1, decoder.num_mask_tokens) if multimask_output else range(0, 1)
+    if num_prompts == 0:
+        return _empty_output(model, image_embeddings, len(selected), return_tokens)
+
+    labels = torch.ones(num_prompts, 1, dtype=torch.int64, device=points.device)
+    sparse, dense = model.prompt_encoder(
+        points=(points[:, None, :], labels), boxes=None, masks=None
+    )
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat([output_tokens.expand(num_prompts, -1, -1), sparse], dim=1)
+
+    src = image_embeddings.index_select(0, image_index.to(image_embeddings.device)) + dense
+    pos = model.prompt_encoder.get_dense_pe().expand(num_prompts, -1, -1, -1)
+    p, c, h, w = src.shape
+    hs, src = decoder.transformer(src, pos, tokens)
+    iou_token_out = hs[:, 0, :]
+    mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
+
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(p, c, h, w))
+    hyper_in = torch.stack(
+        [decoder.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in selected], dim=1
+    )  # (P, K, C/8)
+    _, c8, lh, lw = upscaled.shape
+    masks = (hyper_in @ upscaled.reshape(p, c8, lh * lw)).reshape(p, len(selected), lh, lw)
+    iou = decoder.iou_prediction_head(iou_token_out)[:, selected.start : selected.stop]
+    out_tokens = mask_tokens_out[:, selected.start : selected.stop, :] if return_tokens else None
+    return DecoderOutput(low_res_logits=masks, iou_pred=iou, tokens=out_tokens)
+
+
+def _empty_output(
+    model: Sam, image_embeddings: torch.Tensor, k: int, return_tokens: bool
+) -> DecoderOutput:
+    low = 4 * image_embeddings.shape[-1]
+    kwargs = {"dtype": image_embeddings.dtype, "device": image_embeddings.device}
+    dim = model.mask_decoder.transformer_dim
+    return DecoderOutput(
+        low_res_logits=torch.zeros(0, k, low, low, **kwargs),
+        iou_pred=torch.zeros(0, k, **kwargs),
+        tokens=torch.zeros(0, k, dim, **kwargs) if return_tokens else None,
+    )
