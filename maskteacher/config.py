@@ -175,6 +175,17 @@ class TrainConfig:
     match_requires_point: bool = _f(
         False, "Only match a prediction to a target that contains its prompt point."
     )
+    match_cost_dice: float = _f(
+        0.0, "Weight of a dice cost added to the matcher's (1 - IoU) cost (0: IoU only).", ge=0
+    )
+    match_cost_bce: float = _f(
+        0.0, "Weight of a BCE cost added to the matcher's (1 - IoU) cost (0: IoU only).", ge=0
+    )
+    match_points: int | None = _f(
+        None,
+        "Matcher dice/BCE costs on this many sampled pixels per image (null: all low-res pixels).",
+        ge=1,
+    )
     loss_points: int | None = _f(
         None,
         "Compute mask losses on this many sampled pixels per pair (null: all low-res pixels).",
@@ -186,6 +197,15 @@ class TrainConfig:
     log_every: int = _f(10, "TensorBoard scalar logging interval in steps.", ge=1)
     device: str = _f("auto", "auto (cuda when available), cpu, cuda or cuda:N.")
     compile: bool = _f(False, "torch.compile the student's training step.")
+    checkpoint_decoder: bool = _f(
+        False,
+        "Recompute the mask decoder's per-prompt activations in the backward pass (less memory, more time).",
+    )
+    checkpoint_every: int | None = _f(
+        None,
+        "Also write last.pt every N optimizer steps within an epoch (null: at epoch ends only).",
+        ge=1,
+    )
 
 
 @dataclass

@@ -1,0 +1,95 @@
+"""Mask losses: small pure functions, one value per pair (reduction is the criterion's job).
+
+Inputs are flattened pixels: ``logits`` (N, K) and ``targets`` (N, K) with K = all low-res
+pixels (L * L) or K sampled pixels per pair. Every function computes in fp32 whatever the
+input dtype (bf16 autocast included) and returns an (N,) float32 tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import sigmoid_focal_loss
+
+FOCAL_ALPHA = 0.25
+FOCAL_GAMMA = 2.0
+DICE_SMOOTH = 1.0
+
+
+def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy with logits, mean over pixels. (N, K), (N, K) -> (N,)."""
+    return F.binary_cross_entropy_with_logits(
+        logits.float(), targets.float(), reduction="none"
+    ).mean(-1)
+
+
+def focal_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    alpha: float = FOCAL_ALPHA,
+    gamma: float = FOCAL_GAMMA,
+) -> torch.Tensor:
+    """Sigmoid focal loss (torchvision), mean over pixels. (N, K), (N, K) -> (N,).
+
+    ``alpha < 0`` disables the class weighting, as in torchvision.
+    """
+    per_pixel = sigmoid_focal_loss(
+        logits.float(), targets.float(), alpha=alpha, gamma=gamma, reduction="none"
+    )
+    return per_pixel.mean(-1)
+
+
+def dice_loss(
+    logits: torch.Tensor, targets: torch.Tensor, *, smooth: float = DICE_SMOOTH
+) -> torch.Tensor:
+    """``1 - (2 sum(s t) + smooth) / (sum s + sum t + smooth)``, s = sigmoid. (N, K) -> (N,)."""
+    s = logits.float().sigmoid()
+    t = targets.float()
+    return 1 - (2 * (s * t).sum(-1) + smooth) / (s.sum(-1) + t.sum(-1) + smooth)
+
+
+@torch.no_grad()
+def binary_mask_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """IoU of (logits > 0) with the targets, per row; empty union -> 0. (N, K) -> (N,).
+
+    Soft (floating) targets count as set where they are >= 0.5.
+    """
+    p = logits > 0
+    t = targets >= 0.5 if targets.is_floating_point() else targets.bool()
+    inter = (p & t).sum(-1).float()
+    union = (p | t).sum(-1).float()
+    return inter / union.clamp(min=1.0)
+
+
+def iou_loss(iou_pred: torch.Tensor, iou_actual: torch.Tensor) -> torch.Tensor:
+    """Squared error between the predicted-IoU head and the actual IoU. (N,), (N,) -> (N,).
+
+    ``iou_actual`` is a target: it is detached.
+    """
+    return (iou_pred.float() - iou_actual.detach().float()) ** 2
+
+
+def cls_loss(iou_pred: torch.Tensor) -> torch.Tensor:
+    """Squared distance of unmatched predictions' IoU scores from 0. (U,) -> (U,).
+
+    The predicted-IoU head is the objectness score everything-mode inference filters on, so
+    predictions matched to nothing are taught to score low.
+    """
+    return iou_pred.float() ** 2
+
+
+def sample_pixels(
+    num_pixels: int,
+    num_samples: int,
+    *,
+    rows: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """(rows, num_samples) long pixel indices drawn uniformly (with replacement) per row.
+
+    Drawn on the CPU from ``generator`` so that the sequence is the same on every device.
+    """
+    idx = torch.randint(num_pixels, (rows, num_samples), generator=generator)
+    return idx.to(device)

@@ -1,0 +1,28 @@
+"""Fixtures for the trainer tests (helpers live in ``train_helpers``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import make_data
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Two threads on two shared, busy cores spin far slower than one: keep tests on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory) -> dict[str, Path]:
+    """A 2-image training set and a 2-image validation set (folder layout)."""
+    root = tmp_path_factory.mktemp("train_data")
+    return {
+        "train": make_data(root / "train", images=2, seed=0),
+        "val": make_data(root / "val", images=2, seed=1),
+    }
