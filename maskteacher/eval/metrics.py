@@ -150,6 +150,30 @@ def evaluate_image(
     return metrics, best, boundaries
 
 
+@dataclass
+class _RecallImage:
+    """What average recall needs of one image: RLEs, scores and the image size."""
+
+    height: int
+    width: int
+    gt_rles: list[dict]
+    gt_areas: list[float]
+    pred_rles: list[dict]
+    pred_scores: list[float]
+
+    @classmethod
+    def from_result(cls, r: ImageResult) -> _RecallImage:
+        h, w = r.gt_masks.shape[1:] if r.gt_masks.ndim == 3 else r.pred_masks.shape[1:]
+        return cls(
+            height=int(h),
+            width=int(w),
+            gt_rles=encode_masks(r.gt_masks),
+            gt_areas=[float(m.sum()) for m in r.gt_masks],
+            pred_rles=encode_masks(r.pred_masks),
+            pred_scores=[float(s) for s in r.pred_scores],
+        )
+
+
 def average_recall(
     results: list[ImageResult], max_dets: tuple[int, ...] = (10, 100)
 ) -> dict[int, float]:
@@ -157,14 +181,16 @@ def average_recall(
 
     Returns {K: AR@K}; nan when there is no ground truth at all.
     """
+    return _average_recall([_RecallImage.from_result(r) for r in results], max_dets)
+
+
+def _average_recall(images: list[_RecallImage], max_dets: tuple[int, ...]) -> dict[int, float]:
     gt_ds = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "object"}]}
     detections = []
     ann_id = 1
-    for index, r in enumerate(results, start=1):
-        h, w = r.gt_masks.shape[1:] if r.gt_masks.ndim == 3 else r.pred_masks.shape[1:]
-        gt_ds["images"].append({"id": index, "height": int(h), "width": int(w)})
-        for rle, mask in zip(encode_masks(r.gt_masks), r.gt_masks):
-            rle = dict(rle)
+    for index, im in enumerate(images, start=1):
+        gt_ds["images"].append({"id": index, "height": im.height, "width": im.width})
+        for rle, area in zip(im.gt_rles, im.gt_areas):
             gt_ds["annotations"].append(
                 {
                     "id": ann_id,
@@ -172,14 +198,14 @@ def average_recall(
                     "category_id": 1,
                     "iscrowd": 0,
                     "segmentation": rle,
-                    "area": float(mask.sum()),
+                    "area": area,
                     "bbox": list(mask_utils.toBbox(rle)),
                 }
             )
             ann_id += 1
-        for rle, score in zip(encode_masks(r.pred_masks), r.pred_scores):
+        for rle, score in zip(im.pred_rles, im.pred_scores):
             detections.append(
-                {"image_id": index, "category_id": 1, "segmentation": rle, "score": float(score)}
+                {"image_id": index, "category_id": 1, "segmentation": rle, "score": score}
             )
     if not gt_ds["annotations"]:
         return {k: float("nan") for k in max_dets}
@@ -205,30 +231,51 @@ def average_recall(
     return out
 
 
+class MetricsAccumulator:
+    """Adds images one at a time (dense masks are dropped after each image; RLEs are kept for AR)."""
+
+    def __init__(self) -> None:
+        self.per_image: list[ImageMetrics] = []
+        self._best: list[float] = []
+        self._boundaries: list[float] = []
+        self._agreements: list[float] = []
+        self._has_teacher = False
+        self._recall: list[_RecallImage] = []
+
+    def add(self, result: ImageResult) -> ImageMetrics:
+        metrics, best, boundaries = evaluate_image(result)
+        self.per_image.append(metrics)
+        self._best.extend(best.tolist())
+        self._boundaries.extend(boundaries)
+        if result.teacher_masks is not None:
+            self._has_teacher = True
+            if not math.isnan(metrics.teacher_agreement):
+                self._agreements.append(metrics.teacher_agreement)
+        self._recall.append(_RecallImage.from_result(result))
+        return metrics
+
+    def finish(self) -> DatasetMetrics:
+        ar = _average_recall(self._recall, (10, 100))
+        rows = self.per_image
+        agreement = None
+        if self._has_teacher:
+            agreement = float(np.mean(self._agreements)) if self._agreements else float("nan")
+        return DatasetMetrics(
+            images=len(rows),
+            mean_best_iou=float(np.mean(self._best)) if self._best else float("nan"),
+            ar10=ar[10],
+            ar100=ar[100],
+            boundary_iou=float(np.mean(self._boundaries)) if self._boundaries else float("nan"),
+            masks_per_image=float(np.mean([m.num_pred for m in rows])) if rows else float("nan"),
+            ms_per_image=float(np.mean([m.ms for m in rows])) if rows else float("nan"),
+            teacher_agreement=agreement,
+            per_image=rows,
+        )
+
+
 def evaluate(results: list[ImageResult]) -> DatasetMetrics:
     """Dataset figures: means over all GT masks / matched pairs / images, AR@10 and AR@100."""
-    per_image, all_best, all_boundaries, agreements = [], [], [], []
+    acc = MetricsAccumulator()
     for r in results:
-        metrics, best, boundaries = evaluate_image(r)
-        per_image.append(metrics)
-        all_best.extend(best.tolist())
-        all_boundaries.extend(boundaries)
-        if metrics.teacher_agreement is not None and not math.isnan(metrics.teacher_agreement):
-            agreements.append(metrics.teacher_agreement)
-    ar = average_recall(results)
-    has_teacher = any(r.teacher_masks is not None for r in results)
-    return DatasetMetrics(
-        images=len(results),
-        mean_best_iou=float(np.mean(all_best)) if all_best else float("nan"),
-        ar10=ar[10],
-        ar100=ar[100],
-        boundary_iou=float(np.mean(all_boundaries)) if all_boundaries else float("nan"),
-        masks_per_image=float(np.mean([m.num_pred for m in per_image]))
-        if per_image
-        else float("nan"),
-        ms_per_image=float(np.mean([m.ms for m in per_image])) if per_image else float("nan"),
-        teacher_agreement=(float(np.mean(agreements)) if agreements else float("nan"))
-        if has_teacher
-        else None,
-        per_image=per_image,
-    )
+        acc.add(r)
+    return acc.finish()

@@ -1,0 +1,262 @@
+"""``maskteacher eval``: everything-mode inference with a student checkpoint on the validation set.
+
+For each image: grid prompts and the same filtering as precompute
+(:func:`maskteacher.models.everything.generate_everything` with the config's ``precompute``
+parameters), masks taken back to the original frame, compared with the dataset's ground truth
+and, when the config names a teacher cache holding the split, with the cached teacher masks.
+
+Writes into ``out``: ``metrics.json`` (dataset figures + settings), ``per_image.csv`` (one row
+per image) and ``overlays/<image_id>.png`` (image | ground truth | student | teacher) for the
+first ``overlays`` images.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from maskteacher.cache_format import CacheReader, logits_to_float, open_cache
+from maskteacher.config import Config
+from maskteacher.data import open_dataset, to_model_input
+from maskteacher.devices import resolve_device
+from maskteacher.errors import UserError
+from maskteacher.eval.metrics import DatasetMetrics, ImageResult, MetricsAccumulator
+from maskteacher.eval.pictures import save_overlay
+from maskteacher.models import build_sam
+from maskteacher.models.everything import generate_everything, lowres_to_masks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationSettings:
+    """Everything-mode prompts and filters (the ``precompute`` section's values by default)."""
+
+    points_per_side: int
+    points_per_batch: int
+    pred_iou_thresh: float
+    stability_score_thresh: float
+    stability_score_offset: float
+    box_nms_thresh: float
+    max_masks_per_image: int | None
+    multimask_output: bool
+    bf16: bool
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> GenerationSettings:
+        p = cfg.precompute
+        return cls(
+            points_per_side=p.points_per_side,
+            points_per_batch=p.points_per_batch,
+            pred_iou_thresh=p.pred_iou_thresh,
+            stability_score_thresh=p.stability_score_thresh,
+            stability_score_offset=p.stability_score_offset,
+            box_nms_thresh=p.box_nms_thresh,
+            max_masks_per_image=p.max_masks_per_image,
+            multimask_output=p.multimask_output,
+            bf16=p.bf16,
+        )
+
+
+def _open_teacher(cfg: Config, split: str, image_size: int) -> CacheReader | None:
+    path = cfg.mask_teacher.cache_path
+    if not path:
+        return None
+    if "://" not in str(path) and not (Path(path) / "manifest.json").is_file():
+        log.warning("teacher cache %s not found: teacher agreement is not computed", path)
+        return None
+    reader = open_cache(path, split=split, expect={"image_size": image_size})
+    if len(reader) == 0:
+        log.warning("teacher cache %s holds no '%s' images: no teacher agreement", path, split)
+        return None
+    return reader
+
+
+def _teacher_masks(
+    reader: CacheReader, ids: set[str], image_id: str, *, image_size: int, input_hw, orig_hw
+) -> np.ndarray | None:
+    if image_id not in ids:
+        return None
+    record = reader[image_id]
+    logits = torch.from_numpy(logits_to_float(record.teacher_logits, reader.header.codec))
+    return (
+        lowres_to_masks(logits, image_size=image_size, input_hw=input_hw, orig_hw=orig_hw)
+        .numpy()
+        .astype(bool)
+    )
+
+
+def _safe_name(image_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", image_id)
+
+
+def evaluate_checkpoint(
+    cfg: Config,
+    checkpoint: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    split: str = "val",
+    overlays: int = 4,
+    limit: int | None = None,
+    device: str | None = None,
+) -> DatasetMetrics:
+    """Evaluate one student checkpoint; writes metrics.json, per_image.csv and overlays into ``out``.
+
+    checkpoint: a training checkpoint (last.pt / best.pt) or an official flat state_dict for
+    ``cfg.model.type``. split: "val" (dataset.val_dataset) or "train" (dataset.train_dataset).
+    """
+    data_path = {"val": cfg.dataset.val_dataset, "train": cfg.dataset.train_dataset}.get(split)
+    if split not in ("val", "train"):
+        raise UserError(f"--split: got {split!r}; allowed: 'val', 'train'")
+    if not data_path:
+        raise UserError(f"dataset.{split}_dataset is not set: nothing to evaluate")
+    dataset = open_dataset(
+        data_path,
+        cfg.dataset.format,
+        skip_bad=cfg.dataset.skip_bad,
+        image_root=cfg.dataset.image_root,
+        include_crowd=cfg.dataset.include_crowd,
+    )
+    if len(dataset) == 0:
+        raise UserError(f"{data_path}: the dataset has no images")
+    image_size = cfg.model.image_size
+    dev = resolve_device(device or cfg.train.device, key="train.device")
+    model = build_sam(
+        cfg.model.type, checkpoint, image_size=image_size, strict=cfg.model.strict
+    ).to(dev)
+    model.eval()
+    settings = GenerationSettings.from_config(cfg)
+    teacher = _open_teacher(cfg, split, image_size)
+    teacher_ids = set(teacher.image_ids) if teacher is not None else set()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    acc = MetricsAccumulator()
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    bar = tqdm(range(count), desc=f"eval {split}", unit="img", dynamic_ncols=True)
+    for index in bar:
+        sample = dataset[index]
+        orig_hw = sample.image.shape[:2]
+        image, input_hw = to_model_input(sample.image, image_size)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        start = time.perf_counter()
+        result = generate_everything(
+            model,
+            image[None].to(dev),
+            [input_hw],
+            [orig_hw],
+            points_per_side=settings.points_per_side,
+            points_per_batch=settings.points_per_batch,
+            pred_iou_thresh=settings.pred_iou_thresh,
+            stability_score_thresh=settings.stability_score_thresh,
+            stability_score_offset=settings.stability_score_offset,
+            box_nms_thresh=settings.box_nms_thresh,
+            max_masks_per_image=settings.max_masks_per_image,
+            multimask_output=settings.multimask_output,
+            bf16=settings.bf16,
+        )[0]
+        masks = lowres_to_masks(
+            result.logits, image_size=image_size, input_hw=input_hw, orig_hw=orig_hw
+        )
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        seconds = time.perf_counter() - start
+        teacher_masks = None
+        if teacher is not None:
+            teacher_masks = _teacher_masks(
+                teacher,
+                teacher_ids,
+                sample.image_id,
+                image_size=image_size,
+                input_hw=input_hw,
+                orig_hw=orig_hw,
+            )
+        gt = np.asarray(sample.masks, bool)
+        student = masks.cpu().numpy()
+        row = acc.add(
+            ImageResult(
+                image_id=sample.image_id,
+                pred_masks=student,
+                pred_scores=result.iou.float().cpu().numpy(),
+                gt_masks=gt,
+                seconds=seconds,
+                teacher_masks=teacher_masks,
+            )
+        )
+        if index < overlays:
+            save_overlay(
+                out / "overlays" / f"{_safe_name(sample.image_id)}.png",
+                sample.image,
+                gt,
+                student,
+                teacher_masks,
+                captions={
+                    "ground truth": f"ground truth ({len(gt)})",
+                    "student": f"student ({len(student)})",
+                    "teacher": f"teacher ({0 if teacher_masks is None else len(teacher_masks)})",
+                },
+            )
+        bar.set_postfix(iou=f"{row.mean_best_iou:.3f}", masks=row.num_pred)
+    metrics = acc.finish()
+    _write_outputs(out, metrics, cfg=cfg, checkpoint=checkpoint, split=split, settings=settings)
+    return metrics
+
+
+def _json_number(value):
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _write_outputs(
+    out: Path,
+    metrics: DatasetMetrics,
+    *,
+    cfg: Config,
+    checkpoint,
+    split: str,
+    settings: GenerationSettings,
+) -> None:
+    summary = {k: _json_number(v) for k, v in metrics.summary().items()}
+    payload = {
+        **summary,
+        "split": split,
+        "checkpoint": str(checkpoint),
+        "model_type": cfg.model.type,
+        "image_size": cfg.model.image_size,
+        "generation": asdict(settings),
+        "teacher_cache": cfg.mask_teacher.cache_path,
+    }
+    _atomic_text(out / "metrics.json", json.dumps(payload, indent=2) + "\n")
+    fields = [
+        "image_id",
+        "num_gt",
+        "num_pred",
+        "mean_best_iou",
+        "boundary_iou",
+        "ms",
+        "teacher_agreement",
+    ]
+    tmp = out / "per_image.csv.tmp"
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for row in metrics.per_image:
+            writer.writerow({k: _json_number(v) for k, v in asdict(row).items()})
+    tmp.replace(out / "per_image.csv")
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
