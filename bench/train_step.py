@@ -16,6 +16,23 @@ ratios against the baseline, all measured side by side in one run:
   bf16_ckpt         batched_bf16 + activation checkpointing (CUDA default list)
   compiled          batched_bf16 + torch.compile of the student forward (--compile)
 
+Mask-teacher supervision (issue 7; the GT-only step above is the reference):
+
+  dual_cache        batched_points + dual_supervision (soft loss, --soft-type) with the teacher's
+                    outputs in the batch as the cache gives them (int8 codes, dequantised on the
+                    device every step); reading them is the DataLoader workers' job and is not
+                    in the step (bench/cache_io.py measures it); its memory is counted after
+                    the teacher that made the outputs is freed
+  dual_online       the same with the teacher model (--teacher-model) run every step on the
+                    batch by the trainer's online-teacher hook: generate_everything over a
+                    --teacher-grid x --teacher-grid grid, under no_grad, as in training
+  dual_cache_bf16 / dual_online_bf16   the two above on batched_bf16 (CUDA default list)
+
+The teacher has random weights with its mask head scaled x --teacher-logit-scale so that logits
+have SAM-like magnitudes (tens); random weights fail SAM's quality filters and their masks all
+span the image, so the pred_iou / stability thresholds are 0, NMS runs at 1.0 and
+--teacher-masks caps the masks per image -- the same work as a real teacher's generation.
+
 On the CPU the variants' steps are interleaved in one process (so load from other processes
 hits them alike) and memory is the resident-set growth from before a variant's setup to the peak
 of two steps, each variant in a fresh process. On CUDA the variants run one after another and
@@ -25,9 +42,13 @@ optimizer state, activations).
     python bench/train_step.py                                # CPU, tiny model, image 128
     python bench/train_step.py --device cuda --model vit_t --image-size 1024 --batch 8 --prompts 64
     python bench/train_step.py --variants naive batched_bf16 compiled --json
+    python bench/train_step.py --variants batched_points dual_cache dual_online      # CPU, tiny
+    python bench/train_step.py --device cuda --model vit_t --image-size 1024 --batch 8 \
+        --prompts 64 --teacher-model vit_h --teacher-grid 16 \
+        --variants batched_bf16 dual_cache_bf16 dual_online_bf16
 
-Extension (issue 7): add a :class:`Variant` to :data:`VARIANTS` (e.g. dual supervision from the
-cache, an online teacher) and its (numerator, denominator) to :data:`RATIOS`.
+Extension: add a :class:`Variant` to :data:`VARIANTS` and its (numerator, denominator) to
+:data:`RATIOS`.
 """
 
 from __future__ import annotations
@@ -46,14 +67,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from maskteacher.cache_format import Codec
+from maskteacher.cache_format.codecs import encode_logits
 from maskteacher.data import point_grid
 from maskteacher.models import build_sam
-from maskteacher.train.batch import Batch, PromptSet, TrainSample, collate
+from maskteacher.train.batch import Batch, PromptSet, TeacherTargets, TrainSample, collate
 from maskteacher.train.criterion import MaskCriterion, weighted_total
 from maskteacher.train.forward import Predictions, StudentForward, run_forward
+from maskteacher.train.mask_teacher import DualSupervision
 from maskteacher.train.matcher import MatchSettings
 from maskteacher.train.schedule import EpochSettings, build_optimizer
 from maskteacher.train.supervision import GTSupervision, StepContext
+from maskteacher.train.teacher_source import MASK_FIELDS, OnlineTeacher
 
 LOSS_WEIGHTS = {"bce": 1.0, "focal": 15.0, "dice": 1.0, "iou": 1.0, "cls": 1.0}
 
@@ -124,6 +149,7 @@ class Variant:
     checkpoint_decoder: bool = False
     compile: bool = False
     naive: bool = False
+    teacher: str | None = None  # None: GT only; "cache": dual from cached outputs; "online"
 
 
 VARIANTS: dict[str, Variant] = {
@@ -153,6 +179,32 @@ VARIANTS: dict[str, Variant] = {
             loss_points=True,
             compile=True,
         ),
+        Variant(
+            "dual_cache",
+            "batched_points + dual_supervision, teacher from the cache",
+            loss_points=True,
+            teacher="cache",
+        ),
+        Variant(
+            "dual_online",
+            "batched_points + dual_supervision, teacher run online",
+            loss_points=True,
+            teacher="online",
+        ),
+        Variant(
+            "dual_cache_bf16",
+            "batched_bf16 + dual_supervision, teacher from the cache",
+            bf16=True,
+            loss_points=True,
+            teacher="cache",
+        ),
+        Variant(
+            "dual_online_bf16",
+            "batched_bf16 + dual_supervision, teacher run online (bf16)",
+            bf16=True,
+            loss_points=True,
+            teacher="online",
+        ),
     )
 }
 
@@ -165,11 +217,23 @@ RATIOS: list[tuple[str, str]] = [
     ("bf16_ckpt", "batched_bf16"),
     ("compiled", "naive"),
     ("compiled", "batched_bf16"),
+    ("dual_cache", "batched_points"),  # target <= 1.10
+    ("dual_online", "dual_cache"),  # target >= 3 (GPU, vit_h teacher)
+    ("dual_cache_bf16", "batched_bf16"),  # target <= 1.10
+    ("dual_online_bf16", "dual_cache_bf16"),  # target >= 3 (GPU, vit_h teacher)
 ]
 #: Variants run when --variants is not given.
 DEFAULT_VARIANTS = {
-    "cpu": ["naive", "batched", "batched_points", "batched_ckpt"],
-    "cuda": ["naive", "batched", "batched_points", "batched_bf16", "bf16_ckpt"],
+    "cpu": ["naive", "batched", "batched_points", "batched_ckpt", "dual_cache", "dual_online"],
+    "cuda": [
+        "naive",
+        "batched",
+        "batched_points",
+        "batched_bf16",
+        "bf16_ckpt",
+        "dual_cache_bf16",
+        "dual_online_bf16",
+    ],
 }
 
 
@@ -180,6 +244,57 @@ class Measurement:
     ms_per_image_min: float
     peak_mb: float
     loss: float
+
+
+def online_teacher(args, device: torch.device, bf16: bool) -> OnlineTeacher:
+    """The trainer's online-teacher hook around a random teacher (module docstring)."""
+    torch.manual_seed(1)
+    model = build_sam(args.teacher_model, image_size=args.image_size)
+    with torch.no_grad():
+        for mlp in model.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(args.teacher_logit_scale)
+            mlp.layers[-1].bias.mul_(args.teacher_logit_scale)
+    model.requires_grad_(False)
+    generation = {
+        "points_per_side": args.teacher_grid,
+        "points_per_batch": args.teacher_points_per_batch,
+        "pred_iou_thresh": 0.0,
+        "stability_score_thresh": 0.0,
+        "stability_score_offset": 1.0,
+        "box_nms_thresh": 1.0,  # random masks all span the image: NMS at 0.7 keeps one
+        "max_masks_per_image": args.teacher_masks,
+        "multimask_output": True,
+        "bf16": bf16,
+    }
+    return OnlineTeacher(
+        model.to(device).eval(),
+        generation=generation,
+        provides=MASK_FIELDS,
+        image_size=args.image_size,
+        logit_clip=CACHE_CODEC.clip,
+    )
+
+
+#: The cache codec the cached variant stores its teacher logits with (the default, int8).
+CACHE_CODEC = Codec("int8")
+
+
+def cached_teacher(batch: Batch, hook: OnlineTeacher) -> list[TeacherTargets]:
+    """The teacher's outputs as a cache returns them: int8 codes + scale, computed once."""
+    out = []
+    for t in hook.teacher_outputs(batch):
+        codes, _ = encode_logits(t.logits.float().cpu().numpy(), CACHE_CODEC)
+        out.append(
+            TeacherTargets(
+                logits=torch.from_numpy(codes).to(batch.images.device),
+                logit_scale=CACHE_CODEC.scale,
+                points=t.points,
+                iou=t.iou,
+                stability=t.stability,
+                boxes=t.boxes,
+            )
+        )
+    return out
 
 
 def make_step(variant: Variant, args, device: torch.device) -> tuple[Callable[[], float], Batch]:
@@ -193,10 +308,26 @@ def make_step(variant: Variant, args, device: torch.device) -> tuple[Callable[[]
         seed=0,
     ).to(device)
     loss_points = args.loss_points if variant.loss_points else None
-    strategy = GTSupervision(
-        criterion=MaskCriterion(loss_points=loss_points),
-        match=MatchSettings(iou_threshold=args.match_threshold),
-    )
+    criterion = MaskCriterion(loss_points=loss_points)
+    match = MatchSettings(iou_threshold=args.match_threshold)
+    strategy = GTSupervision(criterion=criterion, match=match)
+    hook = None
+    if variant.teacher is not None:
+        strategy = DualSupervision(
+            criterion=criterion,
+            match=match,
+            iou_threshold=args.teacher_iou,
+            soft_type=args.soft_type,
+            soft_weight=0.5,
+        )
+        hook = online_teacher(args, device, variant.bf16)
+        if variant.teacher == "cache":
+            batch.teacher = cached_teacher(batch, hook)
+            del hook.model
+            hook = None
+            if device.type == "cuda":  # the teacher never is on the device in a cached run
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
     # checkpointing only lowers the peak when the decoder runs in several chunks (each chunk is
     # recomputed and freed in turn during backward)
     chunk = args.ckpt_chunk if variant.checkpoint_decoder else batch.num_prompts
@@ -218,9 +349,10 @@ def make_step(variant: Variant, args, device: torch.device) -> tuple[Callable[[]
             image_size=args.image_size,
         )
         counter["step"] += 1
+        b = batch if hook is None else hook(batch)  # the online teacher runs in the step
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant.bf16):
-            preds = naive_forward(sam, batch) if variant.naive else run_forward(module, batch)
-        out = strategy(preds, batch, ctx)
+            preds = naive_forward(sam, b) if variant.naive else run_forward(module, b)
+        out = strategy(preds, b, ctx)
         loss = weighted_total(out.terms, out.weights)
         loss.backward()
         optimizer.step()
@@ -360,6 +492,19 @@ def main(argv: list[str] | None = None) -> int:
         "--loss-points", type=int, default=None, help="sampled pixels per pair (default L*L/4)"
     )
     parser.add_argument("--match-threshold", type=float, default=0.0)
+    parser.add_argument("--teacher-model", default="vit_b_tiny", help="dual_* variants' teacher")
+    parser.add_argument("--teacher-grid", type=int, default=16, help="teacher points per side")
+    parser.add_argument("--teacher-points-per-batch", type=int, default=256)
+    parser.add_argument("--teacher-masks", type=int, default=64, help="teacher masks per image")
+    parser.add_argument(
+        "--teacher-iou",
+        type=float,
+        default=0.0,
+        help="mask_teacher.iou_threshold (0: every overlapping pair gets the soft loss, the most "
+        "work; a random student reaches no real threshold)",
+    )
+    parser.add_argument("--teacher-logit-scale", type=float, default=1000.0)
+    parser.add_argument("--soft-type", default="kl", choices=["l2", "kl"])
     parser.add_argument(
         "--ckpt-chunk", type=int, default=None, help="prompts per checkpointed chunk (default P)"
     )

@@ -99,7 +99,11 @@ class TrainSample:
     image: (3, S, S) uint8 input frame (zero padded); input_hw / orig_hw: (h, w) of the unpadded
     input region and of the original file; gt_masks: (M, L, L) bool low-res ground truth (objects
     empty at low resolution are dropped); prompts: the image's prompts; flipped: whether the
-    horizontal flip was applied (to image, GT, prompts and teacher outputs alike).
+    horizontal flip was applied (to image, GT, prompts and teacher outputs alike); key: (reader
+    index, epoch) the item was loaded for -- the seed of its random choices
+    (:func:`maskteacher.train.data.item_rng`), so a batch hook that makes the prompts after
+    loading (the online teacher with ``train.prompt_source: teacher``) draws exactly what the
+    dataset would have drawn.
     """
 
     image_id: str
@@ -110,6 +114,7 @@ class TrainSample:
     prompts: PromptSet
     flipped: bool = False
     teacher: TeacherTargets | None = None
+    key: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -122,7 +127,8 @@ class Batch:
     int64 (Kp = the batch's widest prompt, -1 padded), boxes (P, 4) float32 or None, has_box (P,)
     bool, prompt_image (P,) int64 image index, prompt_target (P,) int64 GT index or -1,
     prompt_offsets (B + 1,) int64 so image i's prompts are ``[offsets[i], offsets[i + 1])``.
-    teacher: B :class:`TeacherTargets` or None when no teacher fields were requested.
+    teacher: B :class:`TeacherTargets` or None when no teacher fields were requested;
+    item_keys: B ``(reader index, epoch)`` pairs (:attr:`TrainSample.key`).
     """
 
     images: torch.Tensor
@@ -139,6 +145,7 @@ class Batch:
     prompt_target: torch.Tensor
     prompt_offsets: torch.Tensor
     teacher: list[TeacherTargets] | None = field(default=None)
+    item_keys: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_images(self) -> int:
@@ -217,4 +224,5 @@ def collate(samples: list[TrainSample]) -> Batch:
         prompt_target=torch.cat(targets),
         prompt_offsets=offsets,
         teacher=teacher,
+        item_keys=[tuple(s.key) for s in samples],
     )

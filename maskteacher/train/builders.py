@@ -241,10 +241,14 @@ def data_from_config(
     targets, indices, binding = target_source_from_config(
         cfg, split="train", images=images, teacher_fields=teacher_fields, progress=info.is_main
     )
+    prompts = prompt_spec_from_config(cfg)
+    if prompts.needs_teacher_points and "points" not in teacher_fields:
+        # a batch hook (the online teacher) provides the points and makes these prompts
+        prompts = dataclasses.replace(prompts, defer_teacher_points=True)
     train_set = TrainDataset(
         images,
         image_size=cfg.model.image_size,
-        prompts=prompt_spec_from_config(cfg),
+        prompts=prompts,
         targets=targets,
         hflip=t.hflip,
         seed=t.seed,

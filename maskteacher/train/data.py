@@ -45,11 +45,18 @@ from maskteacher.train.prompts import (
 @dataclass(frozen=True)
 class EverythingPromptSpec:
     """Everything-mode prompts: ``source`` (a :data:`PROMPT_SOURCES` key), the grid's points per
-    side, and the per-image cap (None: no cap, e.g. validation on the full grid)."""
+    side, and the per-image cap (None: no cap, e.g. validation on the full grid).
+
+    defer_teacher_points: the source reads teacher points that are not loaded with the item
+    because a batch hook computes them on the device (the online teacher); the item then has no
+    prompts and the hook makes them with this spec (``defer_teacher_points`` off) and the
+    item's generator replayed from :attr:`~maskteacher.train.batch.TrainSample.key`.
+    """
 
     source: str = "grid"
     grid_points: int = 16
     max_prompts: int | None = 64
+    defer_teacher_points: bool = False
 
     @property
     def needs_teacher_points(self) -> bool:
@@ -68,6 +75,8 @@ class EverythingPromptSpec:
         teacher_points = None
         if teacher is not None and teacher.points is not None:
             teacher_points = teacher.points.numpy()
+        elif self.defer_teacher_points and self.needs_teacher_points:
+            return PromptSet.from_points(torch.zeros((0, 2), dtype=torch.float32))
         inputs = PromptInputs(
             grid=point_grid(self.grid_points, input_hw),
             gt_masks=gt_masks,
@@ -157,10 +166,17 @@ def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
+def item_flip(rng: np.random.Generator, hflip: bool) -> bool:
+    """An item's flip decision: the first draw of its generator (no draw when flips are off);
+    the prompts are drawn from the same generator next."""
+    return bool(hflip and rng.random() < 0.5)
+
+
 def flip_teacher(teacher: TeacherTargets, input_hw: tuple[int, int]) -> TeacherTargets:
     """Mirror teacher outputs with the image (logits, points; boxes are in the original frame
     and are mirrored there by whoever needs them -- embeddings and tokens are not spatially
-    flippable and are left alone; issue 7 decides what to do with them under flips)."""
+    flippable and are left alone: feature distillation, which reads them, refuses
+    ``train.hflip``, see :mod:`maskteacher.train.feature_kd`)."""
     return TeacherTargets(
         logits=None if teacher.logits is None else hflip_lowres(teacher.logits, input_hw),
         logit_scale=teacher.logit_scale,
@@ -215,7 +231,7 @@ class TrainDataset(Dataset):
         gt = gt[gt.flatten(1).any(1)] if gt.shape[0] else gt
         teacher = found.teacher
         rng = item_rng(self.seed, epoch, index)
-        flipped = bool(self.hflip and rng.random() < 0.5)
+        flipped = item_flip(rng, self.hflip)
         if flipped:
             image = hflip_input(image, input_hw)
             gt = hflip_lowres(gt, input_hw)
@@ -237,6 +253,7 @@ class TrainDataset(Dataset):
             prompts=prompts,
             flipped=flipped,
             teacher=teacher,
+            key=(index, epoch),
         )
 
 
