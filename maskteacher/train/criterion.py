@@ -67,7 +67,7 @@ class MaskCriterion:
         unmatched_normalizer: float,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Named terms, each a sum over pairs divided by its normaliser (clamped to >= 1)."""
+        """Named terms, each a sum over pairs divided by its normaliser (:func:`pair_normaliser`)."""
         logits = pairs.logits.flatten(1)
         targets = pairs.targets.flatten(1)
         actual_iou = losses.binary_mask_iou(logits, targets)
@@ -81,8 +81,8 @@ class MaskCriterion:
             )
             logits = logits.gather(1, idx)
             targets = targets.gather(1, idx)
-        norm = max(float(pair_normalizer), 1.0)
-        unmatched_norm = max(float(unmatched_normalizer), 1.0)
+        norm = pair_normaliser(pair_normalizer)
+        unmatched_norm = pair_normaliser(unmatched_normalizer)
         return {
             "bce": losses.bce_loss(logits, targets).sum() / norm,
             "focal": losses.focal_loss(
@@ -93,6 +93,13 @@ class MaskCriterion:
             "iou": losses.iou_loss(pairs.iou_pred, actual_iou).sum() / norm,
             "cls": losses.cls_loss(pairs.unmatched_iou_pred).sum() / unmatched_norm,
         }
+
+
+def pair_normaliser(mean_count: float) -> float:
+    """Divisor of a sum over pairs: the pair count averaged over the ranks (``ctx.reduce_count``),
+    or 1 when there is no pair anywhere (the sum is 0 then). Not clamped to >= 1: with fewer
+    pairs than ranks a clamp would make the DDP loss differ from the one-process loss."""
+    return float(mean_count) if mean_count > 0 else 1.0
 
 
 def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:

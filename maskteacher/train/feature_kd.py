@@ -50,6 +50,7 @@ from maskteacher.errors import UserError
 from maskteacher.train import distill_losses as dl
 from maskteacher.train.batch import Batch, TeacherTargets
 from maskteacher.train.builders import open_images
+from maskteacher.train.criterion import pair_normaliser
 from maskteacher.train.forward import Predictions
 from maskteacher.train.supervision import (
     StepContext,
@@ -68,7 +69,6 @@ from maskteacher.train.teacher_cache import (
 from maskteacher.train.teacher_match import (
     TeacherSupervisionOutput,
     match_to_teacher,
-    pair_normaliser,
     teacher_masks,
 )
 

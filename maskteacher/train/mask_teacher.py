@@ -33,7 +33,7 @@ and the teacher's logits (``soft_loss.type``: ``l2`` or ``kl``,
 :mod:`~maskteacher.train.distill_losses`) over all low-res pixels (or ``train.loss_points``
 sampled ones, like the task losses), averaged over the kept pairs of the mini-batch (count
 all-reduced under DDP): ``soft = sum_pairs loss / pairs`` -- exactly 0 without pairs
-(:func:`~maskteacher.train.teacher_match.pair_normaliser`).
+(:func:`~maskteacher.train.criterion.pair_normaliser`).
 It is the term ``soft`` with weight ``soft_loss.weight``: ``train/task_loss`` includes the
 weighted term, ``train/soft`` logs the unweighted soft loss, the progress bar shows ``soft``.
 Logged, not weighted: ``teacher_pairs`` -- kept student <-> teacher pairs per image.
@@ -46,7 +46,7 @@ import torch
 from maskteacher.config import Config
 from maskteacher.train import losses
 from maskteacher.train.batch import Batch
-from maskteacher.train.criterion import MaskCriterion
+from maskteacher.train.criterion import MaskCriterion, pair_normaliser
 from maskteacher.train.distill_losses import SOFT_LOSSES
 from maskteacher.train.forward import Predictions
 from maskteacher.train.matcher import Match, MatchSettings, match_batch
@@ -65,7 +65,6 @@ from maskteacher.train.teacher_match import (
     inside_image,
     match_to_teacher,
     overlapping,
-    pair_normaliser,
     teacher_logits,
     teacher_masks,
 )

@@ -33,13 +33,6 @@ class TeacherSupervisionOutput(SupervisionOutput):
     teacher_matches: list[Match] | None = None
 
 
-def pair_normaliser(mean_count: float) -> float:
-    """Divisor of a sum over pairs: the pair count averaged over the ranks (``ctx.reduce_count``),
-    or 1 when there is no pair anywhere (the sum is 0 then). Not clamped to >= 1: with fewer
-    pairs than ranks a clamp would make the DDP loss differ from the one-process loss."""
-    return float(mean_count) if mean_count > 0 else 1.0
-
-
 def teacher_targets(batch: Batch, field: str) -> list[TeacherTargets]:
     """The batch's teacher outputs, checking that ``field`` is there for every image."""
     if batch.teacher is None or any(getattr(t, field) is None for t in batch.teacher):
