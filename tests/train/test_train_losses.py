@@ -81,6 +81,18 @@ def test_criterion_sums_over_pairs_and_divides_by_normaliser():
     assert pairs.logits.grad is not None
 
 
+def test_criterion_divides_by_a_rank_averaged_count_below_one():
+    # under DDP the averaged pair count can be 0.5 (1 pair on one of 2 ranks): no clamp to 1
+    pairs = _pairs()
+    whole = MaskCriterion()(pairs, pair_normalizer=1.0, unmatched_normalizer=1.0)
+    half = MaskCriterion()(pairs, pair_normalizer=0.5, unmatched_normalizer=0.5)
+    for name in whole:
+        torch.testing.assert_close(half[name], 2 * whole[name])
+    # no pair anywhere: divide by 1 (the sums are 0)
+    none = MaskCriterion()(pairs, pair_normalizer=0.0, unmatched_normalizer=0.0)
+    torch.testing.assert_close(none["bce"], whole["bce"])
+
+
 def test_criterion_on_sampled_points_and_empty_pairs():
     gen = torch.Generator().manual_seed(0)
     big = PairBatch(
