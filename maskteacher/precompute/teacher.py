@@ -1,0 +1,109 @@
+"""The teacher of a precompute run: what it is, how it is identified, how it generates.
+
+:class:`TeacherSpec` names the model (registry type, checkpoint, strict loading, image size);
+:func:`build_teacher` builds it in eval mode on a device. Its identity in the cache header
+(``checkpoint_sha256``) is the sha256 of the checkpoint file -- what the trainer recomputes
+from ``mask_teacher.checkpoint_path``. A teacher without a checkpoint (random weights, for tests
+and benchmarks only) is built from torch seed :data:`RANDOM_TEACHER_SEED` so that every worker
+and every resumed run gets the same weights, and is identified as ``"weights:" + sha256`` of its
+state dict (names, dtypes, shapes and bytes in name order), which can never equal a file hash.
+
+:class:`GenerationParams` are the arguments of
+:func:`maskteacher.models.everything.generate_everything`; :meth:`GenerationParams.header_params`
+is the part that changes the cache content and is recorded in (and compared against) the cache
+header. ``points_per_batch`` only changes how the work is chunked and is left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from maskteacher.models import build_sam, sha256_file
+from maskteacher.models.registry import RegistrySam
+
+log = logging.getLogger(__name__)
+
+#: torch seed used to build a teacher that has no checkpoint.
+RANDOM_TEACHER_SEED = 0
+#: Recorded in the header: version of the generation semantics (models/everything.py).
+GENERATOR = "maskteacher.everything/1"
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """model_type: registry name; checkpoint: weights file or None (random weights, seeded)."""
+
+    model_type: str
+    checkpoint: str | None
+    image_size: int
+    strict: bool = True
+
+    def identity(self, model: torch.nn.Module | None = None) -> str:
+        """The cache header's ``checkpoint_sha256`` for this teacher (module docstring)."""
+        if self.checkpoint is not None:
+            return sha256_file(self.checkpoint)
+        if model is None:
+            model = build_teacher(self, torch.device("cpu"))
+        return "weights:" + state_dict_sha256(model)
+
+
+def build_teacher(spec: TeacherSpec, device: torch.device) -> RegistrySam:
+    """Build the teacher in eval mode on ``device`` (UserError for a bad type or checkpoint)."""
+    if spec.checkpoint is None:
+        log.warning(
+            "teacher %s has no checkpoint: random weights (seed %d) -- only useful for tests",
+            spec.model_type,
+            RANDOM_TEACHER_SEED,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_TEACHER_SEED)
+            model = build_sam(spec.model_type, None, image_size=spec.image_size)
+    else:
+        model = build_sam(
+            spec.model_type, spec.checkpoint, image_size=spec.image_size, strict=spec.strict
+        )
+    model.requires_grad_(False)
+    return model.to(device).eval()
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every state-dict entry, in name order."""
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Everything-mode settings (``precompute`` config section; see generate_everything)."""
+
+    points_per_side: int = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    max_masks_per_image: int | None = None
+    multimask_output: bool = True
+    bf16: bool = False
+
+    def generator_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``generate_everything``."""
+        return dataclasses.asdict(self)
+
+    def header_params(self) -> dict[str, Any]:
+        """What the cache header records and a resumed / merged run must match."""
+        params = {k: v for k, v in dataclasses.asdict(self).items() if k != "points_per_batch"}
+        params["generator"] = GENERATOR
+        params["mask_threshold"] = 0.0
+        return params
