@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from maskteacher.cli.common import add_config_arguments, config_from_args
-from maskteacher.config import reference_markdown
+from maskteacher.config import REFERENCE_BEGIN, REFERENCE_END, reference_markdown
+from maskteacher.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ref = group.add_parser(
         "reference", help="print every config key with its type, default and meaning (Markdown)"
     )
+    ref.add_argument(
+        "--update",
+        metavar="FILE",
+        default=None,
+        help="rewrite the reference between the config-reference markers of FILE (e.g. README.md)",
+    )
     ref.set_defaults(func=run_reference)
 
 
@@ -38,5 +46,21 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_reference(args: argparse.Namespace) -> int:
+    if args.update:
+        path = Path(args.update)
+        path.write_text(
+            replace_reference_block(path.read_text(), reference_markdown(), source=path)
+        )
+        print(f"updated the config reference in {path}")
+        return 0
     print(reference_markdown(), end="")
     return 0
+
+
+def replace_reference_block(text: str, reference: str, *, source: Path) -> str:
+    """``text`` with the part between the reference markers replaced by ``reference``."""
+    if REFERENCE_BEGIN not in text or REFERENCE_END not in text:
+        raise UserError(f"{source}: no '{REFERENCE_BEGIN}' ... '{REFERENCE_END}' markers to update")
+    head, rest = text.split(REFERENCE_BEGIN, 1)
+    _, tail = rest.split(REFERENCE_END, 1)
+    return f"{head}{REFERENCE_BEGIN}\n{reference}{REFERENCE_END}{tail}"
