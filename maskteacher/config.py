@@ -407,8 +407,11 @@ class MaskTeacherConfig:
 class VisualConfig:
     status: bool = _f(False, "Save overlay pictures of validation images during training.")
     save_path: str | None = _f(None, "Where overlays go (null: <model.save_path>/visual).")
-    IOU_threshold: float = _f(0.5, "Predicted-IoU threshold for the masks drawn.", ge=0, le=1)
+    IOU_threshold: float = _f(
+        0.5, "Draw the student's masks whose predicted IoU is at least this.", ge=0, le=1
+    )
     save_every_n_epochs: int = _f(1, "Save overlays every N epochs.", ge=1)
+    num_images: int = _f(4, "How many validation images (the first ones) are drawn.", ge=1)
 
 
 @dataclass

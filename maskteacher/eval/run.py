@@ -69,7 +69,9 @@ class GenerationSettings:
         )
 
 
-def _open_teacher(cfg: Config, split: str, image_size: int) -> CacheReader | None:
+def open_teacher_cache(cfg: Config, split: str, image_size: int) -> CacheReader | None:
+    """The teacher cache of ``mask_teacher.cache_path`` for ``split``, or None (with a warning)
+    when no cache is configured, it does not exist, or it holds no image of the split."""
     path = cfg.mask_teacher.cache_path
     if not path:
         return None
@@ -83,9 +85,11 @@ def _open_teacher(cfg: Config, split: str, image_size: int) -> CacheReader | Non
     return reader
 
 
-def _teacher_masks(
+def teacher_masks_original(
     reader: CacheReader, ids: set[str], image_id: str, *, image_size: int, input_hw, orig_hw
 ) -> np.ndarray | None:
+    """The cached teacher masks of ``image_id`` as (N, H, W) bool in the original frame; None
+    when the cache (whose ids are ``ids``) does not hold the image."""
     if image_id not in ids:
         return None
     record = reader[image_id]
@@ -97,7 +101,7 @@ def _teacher_masks(
     )
 
 
-def _safe_name(image_id: str) -> str:
+def safe_file_name(image_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", image_id)
 
 
@@ -137,7 +141,7 @@ def evaluate_checkpoint(
     ).to(dev)
     model.eval()
     settings = GenerationSettings.from_config(cfg)
-    teacher = _open_teacher(cfg, split, image_size)
+    teacher = open_teacher_cache(cfg, split, image_size)
     teacher_ids = set(teacher.image_ids) if teacher is not None else set()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +179,7 @@ def evaluate_checkpoint(
         seconds = time.perf_counter() - start
         teacher_masks = None
         if teacher is not None:
-            teacher_masks = _teacher_masks(
+            teacher_masks = teacher_masks_original(
                 teacher,
                 teacher_ids,
                 sample.image_id,
@@ -197,7 +201,7 @@ def evaluate_checkpoint(
         )
         if index < overlays:
             save_overlay(
-                out / "overlays" / f"{_safe_name(sample.image_id)}.png",
+                out / "overlays" / f"{safe_file_name(sample.image_id)}.png",
                 sample.image,
                 gt,
                 student,

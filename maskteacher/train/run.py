@@ -54,6 +54,7 @@ from maskteacher.train.logger import TrainLogger
 from maskteacher.train.schedule import EpochSettings, build_optimizer, build_scheduler
 from maskteacher.train.supervision import AuxLoss, BatchHook, StepContext, SupervisionStrategy
 from maskteacher.train.validate import validate
+from maskteacher.train.visual import ValidationPictures, VisualSettings
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,7 @@ class TrainingRun:
     progress: Progress
     logger: TrainLogger
     result: TrainResult
+    pictures: ValidationPictures | None = None
 
     @property
     def save_dir(self) -> Path:
@@ -164,6 +166,7 @@ class TrainingRun:
         t = cfg.train
         strategy = strategy_from_config(cfg)
         aux_losses = aux_losses_from_config(cfg)
+        visual = VisualSettings.from_config(cfg)
         teacher_fields = frozenset(strategy.teacher_fields).union(
             *(a.teacher_fields for a in aux_losses)
         )
@@ -217,6 +220,7 @@ class TrainingRun:
                 save_dir / "tensorboard", log_every=t.log_every, enabled=info.is_main
             ),
             result=TrainResult(save_dir=save_dir, is_main=info.is_main),
+            pictures=ValidationPictures(cfg, visual) if visual and info.is_main else None,
         )
         run.resume()
         if info.is_main:
@@ -362,6 +366,9 @@ class TrainingRun:
         stop = False
         if self.data.val_loader is not None and (epoch + 1) % self.cfg.train.val_freq == 0:
             stop = _validate_and_track(self, epoch)
+            self._train_mode()
+        if self.pictures is not None and self.pictures.settings.due(epoch):
+            self.pictures.save(self.sam, epoch, self.device)
             self._train_mode()
         self.save(LAST)
         if stop:
