@@ -15,6 +15,7 @@ ratios against the baseline, all measured side by side in one run:
   batched_bf16      batched_points + bf16 autocast (CUDA default list)
   bf16_ckpt         batched_bf16 + activation checkpointing (CUDA default list)
   compiled          batched_bf16 + torch.compile of the student forward (--compile)
+  compiled_ckpt     compiled + activation checkpointing of the decoder chunks
 
 Mask-teacher supervision (issue 7; the GT-only step above is the reference):
 
@@ -180,6 +181,14 @@ VARIANTS: dict[str, Variant] = {
             compile=True,
         ),
         Variant(
+            "compiled_ckpt",
+            "compiled + decoder activation checkpointing",
+            bf16=True,
+            loss_points=True,
+            compile=True,
+            checkpoint_decoder=True,
+        ),
+        Variant(
             "dual_cache",
             "batched_points + dual_supervision, teacher from the cache",
             loss_points=True,
@@ -217,6 +226,7 @@ RATIOS: list[tuple[str, str]] = [
     ("bf16_ckpt", "batched_bf16"),
     ("compiled", "naive"),
     ("compiled", "batched_bf16"),
+    ("compiled_ckpt", "compiled"),
     ("dual_cache", "batched_points"),  # target <= 1.10
     ("dual_online", "dual_cache"),  # target >= 3 (GPU, vit_h teacher)
     ("dual_cache_bf16", "batched_bf16"),  # target <= 1.10
@@ -531,7 +541,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.compile:
             names.append("compiled")
     if args.device.startswith("cuda"):
-        results = [measure_cuda(VARIANTS[n], args) for n in names]
+        results = []
+        for n in names:
+            try:
+                results.append(measure_cuda(VARIANTS[n], args))
+            except Exception as exc:  # one failing variant (e.g. out of memory) ends only itself
+                print(f"variant {n} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+                torch.cuda.empty_cache()
     else:
         passthrough = _strip_variants(sys.argv[1:] if argv is None else argv)
         results = measure_cpu(names, args, passthrough)

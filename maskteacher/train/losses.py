@@ -89,7 +89,13 @@ def sample_pixels(
 ) -> torch.Tensor:
     """(rows, num_samples) long pixel indices drawn uniformly (with replacement) per row.
 
-    Drawn on the CPU from ``generator`` so that the sequence is the same on every device.
+    One number drawn from ``generator`` (the trainer's checkpointed CPU generator; the global
+    one when None) seeds a generator on ``device`` that draws the indices there, so a run is
+    reproducible and resumes exactly without drawing rows * num_samples numbers on the CPU and
+    copying them over: at 512 pairs x 16384 points that costs ~165 ms per step on one CPU core.
     """
-    idx = torch.randint(num_pixels, (rows, num_samples), generator=generator)
-    return idx.to(device)
+    device = torch.device(device)
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    local = torch.Generator(device=device)
+    local.manual_seed(seed)
+    return torch.randint(num_pixels, (rows, num_samples), generator=local, device=device)

@@ -126,3 +126,20 @@ def test_weighted_total_applies_weights_in_one_place():
     with pytest.raises(KeyError, match="focal"):
         weighted_total(terms, {"bce": 1.0, "focal": 1.0})
     assert float(weighted_total(terms, {"bce": 0.0})) == 0.0
+
+
+def test_sample_pixels_reproducible_from_the_generator_state():
+    from maskteacher.train.losses import sample_pixels
+
+    g = torch.Generator().manual_seed(3)
+    state = g.get_state()
+    a = sample_pixels(100, 5000, rows=3, generator=g)
+    b = sample_pixels(100, 5000, rows=3, generator=g)
+    assert a.shape == (3, 5000) and a.dtype == torch.long
+    assert int(a.min()) >= 0 and int(a.max()) < 100
+    assert not torch.equal(a, b)  # the generator advances
+    g.set_state(state)  # a resumed run draws the same indices again
+    assert torch.equal(sample_pixels(100, 5000, rows=3, generator=g), a)
+    # uniform with replacement: every pixel is drawn, none far more often than the others
+    counts = torch.bincount(a.flatten(), minlength=100).float()
+    assert bool((counts > 0).all()) and float(counts.max() / counts.mean()) < 1.5
