@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmark suite: the precompute ratio, the train-step ratios and peak memory at real sizes
-# (SAM-H teacher, MobileSAM vit_t student, image_size 1024, random weights), in about 6 minutes
-# on one H100, with no internet.
+# (SAM-H teacher, MobileSAM vit_t student, image_size 1024, random weights), in about 5 minutes
+# on one H100 (QUICK=1: about 4), with no internet.
 #
 # Usage (from anywhere):   bash bench/gpu_suite.sh [WHEEL_DIR]
 #
@@ -38,8 +38,8 @@ python3 -c "$need; import maskteacher, torch; assert torch.cuda.is_available(), 
 print('gpu_suite:', torch.cuda.get_device_name(0), 'torch', torch.__version__)" || exit 1
 
 # QUICK=1 halves the work (2 images, 4 steps) for a lease with little time left.
-images=4; steps=6; lim_pre=200; lim_train=220
-if [ "${QUICK:-0}" = 1 ]; then images=2; steps=4; lim_pre=140; lim_train=170; fi
+images=4; steps=6; lim_pre=150; lim_train=300
+if [ "${QUICK:-0}" = 1 ]; then images=2; steps=4; lim_pre=120; lim_train=260; fi
 
 status=0
 run() {  # run NAME SECONDS COMMAND...: one benchmark with a time limit, its output kept in $logs
@@ -56,10 +56,11 @@ run() {  # run NAME SECONDS COMMAND...: one benchmark with a time limit, its out
 # 1. precompute: our generator vs SamAutomaticMaskGenerator, SAM-H, 32x32 grid, ~100 masks/image
 run precompute "$lim_pre" python3 bench/precompute.py --device cuda --model vit_h --image-size 1024 \
     --images "$images" --batch "$images" --points-per-batch 256
-# 2. train step: naive loop vs our batched bf16 step (vit_t, 1024, batch 8, 64 prompts);
-#    dual_supervision from the cache vs GT only; online SAM-H teacher (16x16 grid) vs the cache
+# 2. train step: naive loop vs our batched bf16 step (vit_t, 1024, batch 8, 64 prompts), with
+#    decoder checkpointing, compiled, compiled + checkpointing; dual_supervision from the cache vs
+#    GT only; online SAM-H teacher (16x16 grid) vs the cache
 run train_step "$lim_train" python3 bench/train_step.py --device cuda --model vit_t --image-size 1024 \
     --batch 8 --prompts 64 --teacher-model vit_h --teacher-grid 16 --steps "$steps" \
-    --variants naive batched_bf16 dual_cache_bf16 dual_online_bf16
+    --variants naive batched_bf16 dual_cache_bf16 dual_online_bf16 bf16_ckpt compiled compiled_ckpt
 echo "gpu_suite: logs in $logs"
 exit $status
