@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from maskteacher.devices import resolve_device as shared_resolve_device
 from maskteacher.errors import UserError
 
 _DEFAULT_TIMEOUT_S = 7 * 24 * 3600
@@ -117,30 +118,9 @@ def _env_int(name: str, default: int) -> int:
 
 
 def resolve_device(spec: str, local_rank: int) -> torch.device:
-    """``precompute.device`` -> a torch device.
-
-    ``auto``: ``cuda:<LOCAL_RANK>`` when CUDA is available, else ``cpu``; ``cuda``:
-    ``cuda:<LOCAL_RANK>``; ``cuda:N`` / ``cpu`` as given. UserError for CUDA without a GPU.
-    """
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise UserError(
-            f"precompute.device: got {spec!r}; expected auto, cpu, cuda or cuda:N"
-        ) from None
-    if device.type == "cpu":
-        return torch.device("cpu")
-    if device.type != "cuda":
-        raise UserError(f"precompute.device: got {spec!r}; expected auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise UserError(f"precompute.device is {spec!r} but no CUDA device is available")
-    index = local_rank if device.index is None else device.index
-    if index >= torch.cuda.device_count():
-        raise UserError(
-            f"precompute.device: cuda:{index} requested but only {torch.cuda.device_count()} "
-            "CUDA devices are visible"
-        )
-    torch.cuda.set_device(index)
-    return torch.device("cuda", index)
+    """``precompute.device`` -> a torch device (:func:`maskteacher.devices.resolve_device`:
+    ``auto`` and ``cuda`` mean ``cuda:<LOCAL_RANK>``), made the current CUDA device."""
+    device = shared_resolve_device(spec, local_rank=local_rank, key="precompute.device")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device

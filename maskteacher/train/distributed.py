@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from maskteacher.errors import UserError
+from maskteacher.devices import resolve_device
 
 
 @dataclass(frozen=True)
@@ -31,33 +31,14 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str, *, local_rank: int = 0) -> torch.device:
-    """``auto`` (cuda when available), ``cpu``, ``cuda`` or ``cuda:N``; under DDP, ``cuda`` and
-    ``auto`` mean ``cuda:LOCAL_RANK``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"train.device: got {name!r}; expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"train.device: {name!r} asked for but CUDA is not available here")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    elif device.type != "cpu":
-        raise UserError(f"train.device: got {name!r}; expected auto, cpu, cuda or cuda:N")
-    return device
-
-
 def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
     """Initialise the process group when launched by torchrun; return (info, device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return DistInfo(), resolve_device(device_name)
+        return DistInfo(), resolve_device(device_name, key="train.device")
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank=local_rank)
+    device = resolve_device(device_name, local_rank=local_rank, key="train.device")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
