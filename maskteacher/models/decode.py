@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from segment_anything.modeling import Sam
+from segment_anything.modeling import PromptEncoder, Sam
 
 
 def preprocess(model: Sam, images: torch.Tensor, input_hw: torch.Tensor) -> torch.Tensor:
@@ -86,10 +86,7 @@ def decode_points(
     if num_prompts == 0:
         return _empty_output(model, image_embeddings, len(selected), return_tokens)
 
-    labels = torch.ones(num_prompts, 1, dtype=torch.int64, device=points.device)
-    sparse, dense = model.prompt_encoder(
-        points=(points[:, None, :], labels), boxes=None, masks=None
-    )
+    sparse, dense = point_prompt_embeddings(model.prompt_encoder, points)
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     tokens = torch.cat([output_tokens.expand(num_prompts, -1, -1), sparse], dim=1)
 
@@ -109,6 +106,31 @@ def decode_points(
     iou = decoder.iou_prediction_head(iou_token_out)[:, selected.start : selected.stop]
     out_tokens = mask_tokens_out[:, selected.start : selected.stop, :] if return_tokens else None
     return DecoderOutput(low_res_logits=masks, iou_pred=iou, tokens=out_tokens)
+
+
+def point_prompt_embeddings(
+    prompt_encoder: PromptEncoder, points: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """segment-anything's ``PromptEncoder`` output for one positive point per prompt, no box.
+
+    points: (P, 2) float (x, y) in the model input frame. Returns sparse (P, 2, C) -- the point's
+    positional encoding (at the pixel centre, +0.5) plus the positive-point embedding, then the
+    padding point's ``not_a_point_embed`` -- and dense (1, C, 1, 1), the ``no_mask_embed``
+    (broadcast over prompts and pixels). The same values as ``prompt_encoder(points=(points[:,
+    None], ones), boxes=None, masks=None)``, without its label-masked in-place updates, which
+    torch.compile cannot trace (a graph break each, a dynamic-shape ``nonzero``).
+    Under autocast the dtypes follow segment-anything's: the in-place adds keep the encoding's
+    dtype (bf16), then the concatenation promotes to float32 -- so the values are bit-identical.
+    """
+    coords = prompt_encoder.pe_layer.forward_with_coords(
+        (points + 0.5)[:, None, :], prompt_encoder.input_image_size
+    )  # (P, 1, C)
+    positive = (coords + prompt_encoder.point_embeddings[1].weight).to(coords.dtype)
+    pad = prompt_encoder.not_a_point_embed.weight.to(coords.dtype).expand(points.shape[0], 1, -1)
+    # segment-anything concatenates onto an empty float32 tensor: the result is at least float32
+    sparse = torch.cat([positive, pad], dim=1).to(torch.promote_types(coords.dtype, torch.float32))
+    dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    return sparse, dense
 
 
 def _empty_output(

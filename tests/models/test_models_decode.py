@@ -148,3 +148,37 @@ def test_preprocess_checks_shapes():
         preprocess(model, torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.tensor([[32, 32]]))
     with pytest.raises(ValueError, match=r"input_hw must be \(1, 2\)"):
         preprocess(model, torch.zeros(1, 3, 64, 64, dtype=torch.uint8), torch.tensor([64, 64]))
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_point_prompt_embeddings_equal_the_prompt_encoder(model, bf16):
+    from maskteacher.models.decode import point_prompt_embeddings
+
+    points = torch.rand(12, 2) * 64
+    labels = torch.ones(12, 1, dtype=torch.int64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        sparse, dense = point_prompt_embeddings(model.prompt_encoder, points)
+        ref_sparse, ref_dense = model.prompt_encoder(
+            points=(points[:, None, :], labels), boxes=None, masks=None
+        )
+    assert sparse.dtype == ref_sparse.dtype and sparse.shape == ref_sparse.shape
+    assert torch.equal(sparse, ref_sparse)  # the same arithmetic, bit for bit
+    assert torch.equal(dense.expand_as(ref_dense), ref_dense)
+
+
+def test_decode_points_traces_without_graph_breaks(model):
+    """torch.compile sees decode_points as one graph (segment-anything's prompt encoder alone
+    breaks it 7 times on label-masked in-place updates)."""
+    import torch._dynamo
+
+    embedding = torch.randn(2, model.mask_decoder.transformer_dim, 4, 4)
+    points = torch.rand(10, 2) * 64
+    index = torch.tensor([0] * 5 + [1] * 5)
+
+    def run(embedding, points, index):
+        out = decode_points(model, embedding, points, image_index=index, multimask_output=False)
+        return out.low_res_logits.sum() + out.iou_pred.sum()
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(run)(embedding, points, index)
+    assert explained.graph_break_count == 0, explained.break_reasons

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (
+from precompute_helpers import (
     assert_same_content,
     cache_content,
     run_cli,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_SIZE, make_teacher
+from precompute_helpers import IMAGE_SIZE, make_teacher
 from segment_anything import SamAutomaticMaskGenerator
 from torchvision.ops import box_iou
 

@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import torch
-from conftest import (
+from precompute_helpers import (
     GEN,
     IMAGE_SIZE,
     TEACHER,
