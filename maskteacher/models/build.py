@@ -15,13 +15,15 @@ def build_sam(
     *,
     image_size: int = 1024,
     strict: bool = True,
+    config_keys: tuple[str, str] = ("model.type", "model.strict"),
 ) -> RegistrySam:
     """Build registry model ``model_type`` for ``image_size`` inputs, load ``checkpoint`` if given.
 
     Weights are loaded (see :func:`~maskteacher.models.load_checkpoint`; ``strict`` as there)
     before the model is switched to eval mode; the model is returned in eval mode on the CPU in
     float32 -- callers that train it call ``.train()`` (and ``set_batchnorm_eval``).
-    Raises UserError for an unknown type, a bad image_size or a checkpoint that does not fit.
+    Raises UserError for an unknown type, a bad image_size or a checkpoint that does not fit;
+    ``config_keys`` (model type, strict) are the config keys those messages name.
     """
     builder = MODEL_BUILDERS.get(model_type)
     if builder is None:
@@ -34,5 +36,7 @@ def build_sam(
         raise UserError(f"image_size must be a multiple of {PATCH_SIZE}, got {image_size}")
     model = builder(image_size)
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint, strict=strict, model_type=model_type)
+        load_checkpoint(
+            model, checkpoint, strict=strict, model_type=model_type, config_keys=config_keys
+        )
     return model.eval()

@@ -272,6 +272,7 @@ def load_checkpoint(
     *,
     strict: bool = True,
     model_type: str | None = None,
+    config_keys: tuple[str, str] = ("model.type", "model.strict"),
 ) -> LoadReport:
     """Load a checkpoint file into ``model`` (a SAM); the one loading path of the package.
 
@@ -280,10 +281,17 @@ def load_checkpoint(
     checkpoint's encoder is another backbone, or, with ``strict``, when any key is missing,
     unexpected or of another shape. With ``strict=False`` only matching tensors are copied and
     the rest is reported (and logged as a warning). Works in any train/eval state.
+    ``config_keys``: the config keys of the model type and of strict loading, named in messages
+    (a teacher's are ``mask_teacher.teacher_type`` / ``mask_teacher.strict``).
     """
     state = read_state_dict(path)
     return load_state_dict_checked(
-        model, state, source=str(path), strict=strict, model_type=model_type
+        model,
+        state,
+        source=str(path),
+        strict=strict,
+        model_type=model_type,
+        config_keys=config_keys,
     )
 
 
@@ -294,8 +302,10 @@ def load_state_dict_checked(
     source: str,
     strict: bool = True,
     model_type: str | None = None,
+    config_keys: tuple[str, str] = ("model.type", "model.strict"),
 ) -> LoadReport:
     """:func:`load_checkpoint` for a state dict already in memory (``source`` names it)."""
+    type_key, strict_key = config_keys
     own = model.state_dict()
     model_type = model_type or getattr(model, "model_type", None) or detect_backbone(own)
     ckpt_sig, model_sig = encoder_signature(state), encoder_signature(own)
@@ -303,7 +313,7 @@ def load_state_dict_checked(
     if ckpt_sig is not None and model_sig is not None and ckpt_sig != model_sig:
         raise UserError(
             f"checkpoint {source} has {ckpt_sig.describe()} ({ckpt_type or 'unknown backbone'}); "
-            f"model.type is {model_type or 'unknown'} ({model_sig.describe()})"
+            f"{type_key} is {model_type or 'unknown'} ({model_sig.describe()})"
         )
     state, resized = _resize_position_tables(state, own)
     report = LoadReport(
@@ -324,7 +334,7 @@ def load_state_dict_checked(
         raise UserError(
             f"checkpoint {source} does not match model {model_type or '(unknown type)'}: "
             f"{report.problems()} "
-            "(strict loading; set strict: false to load only the matching tensors)"
+            f"(strict loading; set {strict_key}: false to load only the matching tensors)"
         )
     model.load_state_dict(to_load, strict=False)
     if report.exact:

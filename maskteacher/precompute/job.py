@@ -135,7 +135,11 @@ class PrecomputeJob:
                 names = ", ".join(t.name for t in cfg.teachers) or "none configured"
                 raise UserError(f"--teacher {teacher}: no teachers entry of that name ({names})")
             spec = TeacherSpec(
-                resolve_teacher_type(entry), entry.checkpoint, image_size, entry.strict
+                resolve_teacher_type(entry),
+                entry.checkpoint,
+                image_size,
+                entry.strict,
+                config_keys=(f"teachers '{teacher}' type", f"teachers '{teacher}' strict"),
             )
             cache_path, where = entry.cache_path, f"teachers '{teacher}' cache_path"
         cache_path = output or cache_path

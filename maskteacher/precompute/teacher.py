@@ -43,6 +43,8 @@ class TeacherSpec:
     checkpoint: str | None
     image_size: int
     strict: bool = True
+    #: config keys of the teacher's type and strict loading, named in error messages
+    config_keys: tuple[str, str] = ("mask_teacher.teacher_type", "mask_teacher.strict")
 
     def identity(self, model: torch.nn.Module | None = None) -> str:
         """The cache header's ``checkpoint_sha256`` for this teacher (module docstring)."""
@@ -66,7 +68,11 @@ def build_teacher(spec: TeacherSpec, device: torch.device) -> RegistrySam:
             model = build_sam(spec.model_type, None, image_size=spec.image_size)
     else:
         model = build_sam(
-            spec.model_type, spec.checkpoint, image_size=spec.image_size, strict=spec.strict
+            spec.model_type,
+            spec.checkpoint,
+            image_size=spec.image_size,
+            strict=spec.strict,
+            config_keys=spec.config_keys,
         )
     model.requires_grad_(False)
     return model.to(device).eval()

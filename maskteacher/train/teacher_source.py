@@ -93,7 +93,13 @@ def build_online_teacher(
     model_type: str, checkpoint: str, *, image_size: int, strict: bool, device: torch.device
 ) -> torch.nn.Module:
     """The teacher in eval mode on ``device`` with every parameter frozen."""
-    model = build_sam(model_type, checkpoint, image_size=image_size, strict=strict)
+    model = build_sam(
+        model_type,
+        checkpoint,
+        image_size=image_size,
+        strict=strict,
+        config_keys=("mask_teacher.teacher_type", "mask_teacher.strict"),
+    )
     model.requires_grad_(False)
     return model.to(device).eval()
 

@@ -312,3 +312,25 @@ def test_coco_sources_let_cache_view_find_the_images(tmp_path, teacher_ckpt, cap
         == 0
     )
     assert out.stat().st_size > 0 and "teacher masks" in capsys.readouterr().out
+
+
+def test_teacher_checkpoint_errors_name_the_teacher_keys(tmp_path, sample_root, capsys):
+    """A SAM-HQ-style file (extra decoder keys) or another backbone's file for the teacher: one
+    line naming mask_teacher's keys, and with mask_teacher.strict: false the HQ file loads."""
+    state = make_teacher(0).state_dict()
+    state["mask_decoder.hf_token.weight"] = torch.zeros(1, 8)
+    state["mask_decoder.hf_mlp.layers.0.weight"] = torch.zeros(8, 8)
+    hq = tmp_path / "sam_hq_style.pth"
+    torch.save(state, hq)
+    config = write_config(tmp_path, train=sample_root, checkpoint=hq)
+    assert run_cli(config, "--limit", "1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2 unexpected" in err[0] and "mask_teacher.strict: false" in err[0]
+    assert run_cli(config, "--limit", "1", "--set", "mask_teacher.strict=false") == 0
+    capsys.readouterr()
+    other = tmp_path / "vit_t.pth"
+    torch.save(make_teacher(0, "vit_t_tiny").state_dict(), other)
+    config = write_config(tmp_path, train=sample_root, checkpoint=other, cache="cache2")
+    assert run_cli(config) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "(vit_t_tiny); mask_teacher.teacher_type is vit_b_tiny" in err[0]
