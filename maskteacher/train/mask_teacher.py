@@ -59,6 +59,7 @@ from maskteacher.train.supervision import (
     pair_stats,
     register_batch_hook,
     register_supervision,
+    task_terms,
 )
 from maskteacher.train.teacher_match import (
     TeacherSupervisionOutput,
@@ -162,12 +163,7 @@ class ReplaceGTSupervision:
             )  # fmt: skip
             soft = [soft_teacher_targets(t, batch.input_hw[i]) for i, t in enumerate(logits)]
             pairs = gather_pairs(images, soft, matches)
-        terms = self.criterion(
-            pairs,
-            pair_normalizer=ctx.reduce_count(pairs.num_pairs),
-            unmatched_normalizer=ctx.reduce_count(pairs.unmatched_iou_pred.shape[0]),
-            generator=ctx.generator,
-        )
+        terms = task_terms(self.criterion, pairs, ctx)
         terms["replaced"] = torch.tensor(replaced / max(batch.num_images, 1))
         return TeacherSupervisionOutput(
             terms=terms,
@@ -264,12 +260,7 @@ class DualSupervision:
             images, batch.gt_masks, settings=self.match, image_size=ctx.image_size,
             generator=ctx.generator,
         )  # fmt: skip
-        terms = self.criterion(
-            pairs,
-            pair_normalizer=ctx.reduce_count(pairs.num_pairs),
-            unmatched_normalizer=ctx.reduce_count(pairs.unmatched_iou_pred.shape[0]),
-            generator=ctx.generator,
-        )
+        terms = task_terms(self.criterion, pairs, ctx)
         # the teacher path
         logits = teacher_logits(batch)
         masks = [teacher_masks(t, batch.input_hw[i]) for i, t in enumerate(logits)]

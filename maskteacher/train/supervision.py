@@ -262,6 +262,20 @@ def match_and_pair(
     return matches, gather_pairs(images, targets, matches)
 
 
+def task_terms(
+    criterion: MaskCriterion, pairs: PairBatch, ctx: StepContext
+) -> dict[str, torch.Tensor]:
+    """The criterion's terms on ``pairs``, normalised by the matched and unmatched counts
+    averaged over DDP ranks (``ctx.reduce_count``) -- the one call every everything-mode
+    strategy makes for its task losses."""
+    return criterion(
+        pairs,
+        pair_normalizer=ctx.reduce_count(pairs.num_pairs),
+        unmatched_normalizer=ctx.reduce_count(pairs.unmatched_iou_pred.shape[0]),
+        generator=ctx.generator,
+    )
+
+
 def pair_stats(matches: list[Match], num_images: int) -> dict[str, float]:
     return {
         "matched": float(sum(len(m) for m in matches)),
@@ -296,12 +310,7 @@ class GTSupervision:
             image_size=ctx.image_size,
             generator=ctx.generator,
         )
-        terms = self.criterion(
-            pairs,
-            pair_normalizer=ctx.reduce_count(pairs.num_pairs),
-            unmatched_normalizer=ctx.reduce_count(pairs.unmatched_iou_pred.shape[0]),
-            generator=ctx.generator,
-        )
+        terms = task_terms(self.criterion, pairs, ctx)
         return SupervisionOutput(
             terms=terms,
             weights=dict(ctx.settings.loss_weights),
