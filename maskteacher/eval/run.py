@@ -19,7 +19,7 @@ import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -34,39 +34,13 @@ from maskteacher.errors import UserError
 from maskteacher.eval.metrics import DatasetMetrics, ImageResult, MetricsAccumulator
 from maskteacher.eval.pictures import save_overlay
 from maskteacher.models import build_sam
-from maskteacher.models.everything import generate_everything, lowres_to_masks
+from maskteacher.models.everything import (
+    GenerationParams,
+    generate_everything,
+    lowres_to_masks,
+)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class GenerationSettings:
-    """Everything-mode prompts and filters (the ``precompute`` section's values by default)."""
-
-    points_per_side: int
-    points_per_batch: int
-    pred_iou_thresh: float
-    stability_score_thresh: float
-    stability_score_offset: float
-    box_nms_thresh: float
-    max_masks_per_image: int | None
-    multimask_output: bool
-    bf16: bool
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> GenerationSettings:
-        p = cfg.precompute
-        return cls(
-            points_per_side=p.points_per_side,
-            points_per_batch=p.points_per_batch,
-            pred_iou_thresh=p.pred_iou_thresh,
-            stability_score_thresh=p.stability_score_thresh,
-            stability_score_offset=p.stability_score_offset,
-            box_nms_thresh=p.box_nms_thresh,
-            max_masks_per_image=p.max_masks_per_image,
-            multimask_output=p.multimask_output,
-            bf16=p.bf16,
-        )
 
 
 def open_teacher_cache(cfg: Config, split: str, image_size: int) -> CacheReader | None:
@@ -140,7 +114,7 @@ def evaluate_checkpoint(
         cfg.model.type, checkpoint, image_size=image_size, strict=cfg.model.strict
     ).to(dev)
     model.eval()
-    settings = GenerationSettings.from_config(cfg)
+    settings = GenerationParams.from_config(cfg.precompute)
     teacher = open_teacher_cache(cfg, split, image_size)
     teacher_ids = set(teacher.image_ids) if teacher is not None else set()
     out = Path(out)
@@ -229,7 +203,7 @@ def _write_outputs(
     cfg: Config,
     checkpoint,
     split: str,
-    settings: GenerationSettings,
+    settings: GenerationParams,
 ) -> None:
     summary = {k: _json_number(v) for k, v in metrics.summary().items()}
     payload = {

@@ -39,8 +39,10 @@ instead, i.e. one pixel less on x1 / y1). An empty mask has box ``(0, 0, 0, 0)``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,41 @@ from torchvision.ops import batched_nms
 
 from maskteacher.data.transforms import point_grid
 from maskteacher.models.decode import decode_points, preprocess
+
+#: Recorded in cache headers: version of the generation semantics of this module.
+GENERATOR = "maskteacher.everything/1"
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Everything-mode settings of :func:`generate_everything` (the ``precompute`` config
+    section's values; precompute, eval and the trainer's online teacher all read them here)."""
+
+    points_per_side: int = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    max_masks_per_image: int | None = None
+    multimask_output: bool = True
+    bf16: bool = False
+
+    @classmethod
+    def from_config(cls, precompute: Any) -> GenerationParams:
+        """From a ``precompute`` config section (any object with these attributes)."""
+        return cls(**{f.name: getattr(precompute, f.name) for f in dataclasses.fields(cls)})
+
+    def generator_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``generate_everything``."""
+        return dataclasses.asdict(self)
+
+    def header_params(self) -> dict[str, Any]:
+        """What the cache header records and a resumed / merged run must match."""
+        params = {k: v for k, v in dataclasses.asdict(self).items() if k != "points_per_batch"}
+        params["generator"] = GENERATOR
+        params["mask_threshold"] = 0.0
+        return params
 
 
 @dataclass

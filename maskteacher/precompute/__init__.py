@@ -6,6 +6,7 @@ generation itself is :func:`maskteacher.models.everything.generate_everything`, 
 trainer's online teacher.
 """
 
+from maskteacher.models.everything import GenerationParams
 from maskteacher.precompute.distributed import WorkerContext, resolve_device
 from maskteacher.precompute.job import (
     PrecomputeJob,
@@ -15,7 +16,6 @@ from maskteacher.precompute.job import (
     run_precompute,
 )
 from maskteacher.precompute.teacher import (
-    GenerationParams,
     TeacherSpec,
     build_teacher,
     state_dict_sha256,

@@ -46,12 +46,12 @@ from maskteacher.cache_format.schema import empty_teacher
 from maskteacher.data import open_dataset
 from maskteacher.data.dataset import SegmentationDataset
 from maskteacher.errors import UserError
-from maskteacher.models.everything import encode_images, generate_everything
+from maskteacher.models.everything import GenerationParams, encode_images, generate_everything
 from maskteacher.precompute.distributed import WorkerContext, resolve_device
 from maskteacher.precompute.loader import ImageLoader, LoadedImage, make_loader, source_root
 from maskteacher.precompute.plan import WorkItem, assigned_items, next_shard_name, plan_split
 from maskteacher.precompute.sink import ShardSink, SinkStats
-from maskteacher.precompute.teacher import GenerationParams, TeacherSpec, build_teacher
+from maskteacher.precompute.teacher import TeacherSpec, build_teacher
 from maskteacher.precompute.verify import TeacherVerifyResult, verify_with_teacher
 
 log = logging.getLogger(__name__)
@@ -151,17 +151,7 @@ class PrecomputeJob:
             cache_path=str(cache_path),
             teacher=spec,
             splits=_split_sources(cfg.dataset, splits),
-            generation=GenerationParams(
-                points_per_side=pc.points_per_side,
-                points_per_batch=pc.points_per_batch,
-                pred_iou_thresh=pc.pred_iou_thresh,
-                stability_score_thresh=pc.stability_score_thresh,
-                stability_score_offset=pc.stability_score_offset,
-                box_nms_thresh=pc.box_nms_thresh,
-                max_masks_per_image=pc.max_masks_per_image,
-                multimask_output=pc.multimask_output,
-                bf16=pc.bf16,
-            ),
+            generation=GenerationParams.from_config(pc),
             store=StoreFlags(
                 teacher=pc.store.teacher,
                 gt=pc.store.gt,

@@ -8,19 +8,17 @@ and benchmarks only) is built from torch seed :data:`RANDOM_TEACHER_SEED` so tha
 and every resumed run gets the same weights, and is identified as ``"weights:" + sha256`` of its
 state dict (names, dtypes, shapes and bytes in name order), which can never equal a file hash.
 
-:class:`GenerationParams` are the arguments of
-:func:`maskteacher.models.everything.generate_everything`; :meth:`GenerationParams.header_params`
-is the part that changes the cache content and is recorded in (and compared against) the cache
-header. ``points_per_batch`` only changes how the work is chunked and is left out.
+The generation settings (:class:`maskteacher.models.everything.GenerationParams`, beside the
+generator they parameterise) are recorded in the cache header by
+:meth:`~maskteacher.models.everything.GenerationParams.header_params`: the part that changes the
+cache content. ``points_per_batch`` only changes how the work is chunked and is left out.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -31,8 +29,6 @@ log = logging.getLogger(__name__)
 
 #: torch seed used to build a teacher that has no checkpoint.
 RANDOM_TEACHER_SEED = 0
-#: Recorded in the header: version of the generation semantics (models/everything.py).
-GENERATOR = "maskteacher.everything/1"
 
 
 @dataclass(frozen=True)
@@ -87,29 +83,3 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """Everything-mode settings (``precompute`` config section; see generate_everything)."""
-
-    points_per_side: int = 32
-    points_per_batch: int = 64
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    stability_score_offset: float = 1.0
-    box_nms_thresh: float = 0.7
-    max_masks_per_image: int | None = None
-    multimask_output: bool = True
-    bf16: bool = False
-
-    def generator_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``generate_everything``."""
-        return dataclasses.asdict(self)
-
-    def header_params(self) -> dict[str, Any]:
-        """What the cache header records and a resumed / merged run must match."""
-        params = {k: v for k, v in dataclasses.asdict(self).items() if k != "points_per_batch"}
-        params["generator"] = GENERATOR
-        params["mask_threshold"] = 0.0
-        return params

@@ -28,8 +28,7 @@ from maskteacher.data import to_model_input
 from maskteacher.data.dataset import SegmentationDataset
 from maskteacher.errors import UserError
 from maskteacher.models import decode_points
-from maskteacher.models.everything import autocast, encode_images, model_device
-from maskteacher.precompute.teacher import GenerationParams
+from maskteacher.models.everything import GenerationParams, autocast, encode_images, model_device
 
 #: Recomputation tolerance (logit units) on top of the codec bound: float32 / bf16 teacher.
 DEFAULT_TOLERANCE = {False: 0.02, True: 0.5}

@@ -33,7 +33,7 @@ from maskteacher.config import Config
 from maskteacher.data import hflip_input
 from maskteacher.errors import UserError
 from maskteacher.models import build_sam
-from maskteacher.models.everything import EverythingOutput, generate_everything
+from maskteacher.models.everything import EverythingOutput, GenerationParams, generate_everything
 from maskteacher.train.batch import Batch, TeacherTargets, TrainSample, collate
 from maskteacher.train.builders import prompt_spec_from_config
 from maskteacher.train.data import EverythingPromptSpec, flip_teacher, item_flip, item_rng
@@ -81,12 +81,7 @@ def check_teacher_source(cfg: Config) -> None:
 
 def generation_kwargs(cfg: Config) -> dict[str, Any]:
     """Keyword arguments of ``generate_everything`` from the ``precompute`` section."""
-    pc = cfg.precompute
-    return {
-        **generation_params(pc),
-        "points_per_batch": pc.points_per_batch,
-        "bf16": pc.bf16,
-    }
+    return GenerationParams.from_config(cfg.precompute).generator_kwargs()
 
 
 def build_online_teacher(
