@@ -1,4 +1,4 @@
-"""Training checkpoints: atomic writes, ``weights_only`` loading, RNG state capture.
+"""Training checkpoints: contents, ``weights_only`` loading, RNG state capture.
 
 A checkpoint is a dict of tensors, numbers, strings, lists and dicts only (no pickled objects),
 so ``torch.load(path, weights_only=True)`` reads it:
@@ -11,8 +11,9 @@ so ``torch.load(path, weights_only=True)`` reads it:
 - ``config``: the resolved config as a JSON string; ``cache_id``: the teacher cache manifest's id
   or None.
 
-Writes go to a temporary file in the same folder, are fsynced, then renamed over the target
-(``os.replace``), so a crash during a save leaves the previous checkpoint intact.
+The trainer writes them with :func:`maskteacher.models.checkpoint.atomic_save` (the same write
+as the official export): a temporary file in the same folder, fsynced, then renamed over the
+target (``os.replace``), so a crash during a save leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
@@ -111,35 +112,6 @@ def restore_rng(state: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------- write
 
 
-def atomic_save(obj: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def build_checkpoint(
     *,
     model_state: dict[str, torch.Tensor],
@@ -186,7 +158,7 @@ def _to_cpu(obj: Any) -> Any:
 def load_training_checkpoint(
     path: str | os.PathLike[str], *, model_type: str, image_size: int
 ) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`build_checkpoint` + :func:`atomic_save` (weights only).
+    """Read a checkpoint written by :func:`build_checkpoint` + :func:`~maskteacher.models.checkpoint.atomic_save` (weights only).
 
     Raises UserError (one line) for a missing or unreadable file, a file that is not a training
     checkpoint, or one for a different backbone or image size.

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from maskteacher.config import Config
 from maskteacher.errors import UserError
 from maskteacher.models import build_sam, export_official, set_batchnorm_eval, set_trainable
+from maskteacher.models.checkpoint import atomic_save
 from maskteacher.train import distributed as dist_utils
 from maskteacher.train.builders import (
     DataParts,
@@ -36,7 +37,6 @@ from maskteacher.train.builders import (
 )
 from maskteacher.train.checkpoint import (
     Progress,
-    atomic_save,
     build_checkpoint,
     load_training_checkpoint,
     restore_rng,

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from maskteacher.errors import UserError
+from maskteacher.models.checkpoint import atomic_save
 from maskteacher.train.checkpoint import (
     Progress,
-    atomic_save,
     build_checkpoint,
     capture_rng,
     load_training_checkpoint,
@@ -103,7 +103,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 _WRITER = """
 import sys, torch
-from maskteacher.train.checkpoint import atomic_save
+from maskteacher.models.checkpoint import atomic_save
 path = sys.argv[1]
 i = 0
 while True:
