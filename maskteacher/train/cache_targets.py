@@ -22,7 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from maskteacher.cache_format import CacheError, CacheReader, dataset_fingerprint, open_cache
+from maskteacher.cache_format import (
+    CacheError,
+    CacheHeader,
+    CacheReader,
+    dataset_fingerprint,
+    open_cache,
+)
 from maskteacher.cache_format.verify import verify_cache
 from maskteacher.data.dataset import Sample, SegmentationDataset
 from maskteacher.errors import UserError
@@ -103,6 +109,17 @@ def _teacher_from_record(record, fields: frozenset[str], scale: float) -> Teache
     )
 
 
+def check_store(header: CacheHeader, fields: frozenset[str], *, where: str, path: str) -> None:
+    """Refuse a cache that lacks a stored part one of ``fields`` needs, naming the store flag."""
+    for name in sorted(fields):
+        flag = TEACHER_FIELD_STORE[name]
+        if not getattr(header.store, flag):
+            raise UserError(
+                f"{where} {path}: the config needs teacher {name}, which the cache lacks; "
+                f"re-run precompute with precompute.store.{flag}: true"
+            )
+
+
 def open_cache_targets(
     path: str,
     *,
@@ -141,13 +158,7 @@ def open_cache_targets(
             f"mask_teacher.cache_path {path}: the cache holds no ground truth (made with "
             "precompute.store.gt: false); the trainer reads ground truth from it"
         )
-    for name in sorted(teacher_fields):
-        flag = TEACHER_FIELD_STORE[name]
-        if not getattr(header.store, flag):
-            raise UserError(
-                f"mask_teacher.cache_path {path}: the config needs teacher {name}, which the cache "
-                f"lacks; re-run precompute with precompute.store.{flag}: true"
-            )
+    check_store(header, frozenset(teacher_fields), where="mask_teacher.cache_path", path=path)
     want = dataset_fingerprint(images.fingerprint_entries())
     have = header.fingerprints.get(split)
     if have != want:

@@ -50,6 +50,7 @@ from maskteacher.errors import UserError
 from maskteacher.train import distill_losses as dl
 from maskteacher.train.batch import Batch, TeacherTargets
 from maskteacher.train.builders import open_images
+from maskteacher.train.cache_targets import check_store
 from maskteacher.train.criterion import pair_normaliser
 from maskteacher.train.forward import Predictions
 from maskteacher.train.supervision import (
@@ -62,7 +63,6 @@ from maskteacher.train.teacher_cache import (
     CacheTeacherReader,
     TeacherIdentity,
     check_cache_identity,
-    check_store,
     generation_params,
     open_teacher_cache,
 )

@@ -31,7 +31,7 @@ from maskteacher.cache_format import (
 from maskteacher.errors import UserError
 from maskteacher.models import sha256_file
 from maskteacher.train.batch import TeacherTargets
-from maskteacher.train.cache_targets import TEACHER_FIELD_STORE, _teacher_from_record
+from maskteacher.train.cache_targets import _teacher_from_record
 
 log = logging.getLogger(__name__)
 
@@ -125,17 +125,6 @@ def check_cache_identity(path: str, identity: TeacherIdentity) -> CacheHeader:
         what = identity.checkpoint_key
         log.info("%s %s not found: the cache's teacher weights are not checked", what, ckpt)
     return header
-
-
-def check_store(header: CacheHeader, fields: frozenset[str], *, where: str, path: str) -> None:
-    """Refuse a cache that lacks a stored part one of ``fields`` needs, naming the store flag."""
-    for name in sorted(fields):
-        flag = TEACHER_FIELD_STORE[name]
-        if not getattr(header.store, flag):
-            raise UserError(
-                f"{where} {path}: the config needs teacher {name}, which the cache lacks; "
-                f"re-run precompute with precompute.store.{flag}: true"
-            )
 
 
 class CacheTeacherReader:
