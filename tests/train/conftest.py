@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mask_teacher_helpers import save_teacher
 from train_helpers import make_data
 
 
@@ -26,3 +27,9 @@ def sample_data(tmp_path_factory) -> dict[str, Path]:
         "train": make_data(root / "train", images=2, seed=0),
         "val": make_data(root / "val", images=2, seed=1),
     }
+
+
+@pytest.fixture(scope="module")
+def student_ckpt(tmp_path_factory) -> Path:
+    """A vit_t_tiny start that predicts blobs (a random init predicts nothing that matches)."""
+    return save_teacher(tmp_path_factory.mktemp("st") / "student.pt", 1, model_type="vit_t_tiny")

@@ -220,3 +220,12 @@ def box_mask(low: int, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
 def logits_of(masks: torch.Tensor, value: float = 5.0) -> torch.Tensor:
     """+-value logits of bool masks."""
     return torch.where(masks, value, -value).float()
+
+
+def tensorboard_scalars(run: Path) -> dict[str, list[float]]:
+    """Every scalar a training run logged: tag -> values in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

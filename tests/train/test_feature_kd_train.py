@@ -7,8 +7,12 @@ import math
 from pathlib import Path
 
 import pytest
-from mask_teacher_helpers import TEACHER_TYPE, save_teacher, write_teacher_cache
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from mask_teacher_helpers import (
+    TEACHER_TYPE,
+    save_teacher,
+    tensorboard_scalars,
+    write_teacher_cache,
+)
 from train_helpers import make_data, tiny_config
 
 from maskteacher.config import TeacherEntry
@@ -30,17 +34,6 @@ def data3(tmp_path_factory) -> dict[str, Path]:
 def kd_cache(data3, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("kd_cache")
     return write_teacher_cache(root / "cache", data3, embedding=True, tokens=True, seed=1)
-
-
-@pytest.fixture(scope="module")
-def student_ckpt(tmp_path_factory) -> Path:
-    return save_teacher(tmp_path_factory.mktemp("st") / "student.pt", 1, model_type="vit_t_tiny")
-
-
-def scalars(run: Path) -> dict[str, list[float]]:
-    acc = EventAccumulator(str(run / "tensorboard"))
-    acc.Reload()
-    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def kd_config(tmp_path, data, cache, *, blocks, method="dual_supervision", **sections):
@@ -91,7 +84,7 @@ def test_each_block_end_to_end(block, method, data3, kd_cache, student_ckpt, tmp
     run = tmp_path / "run"
     assert len(result.losses) == 1 and math.isfinite(result.losses[0])
     assert (run / "last.pt").is_file() and (run / "student_official.pth").is_file()
-    tags = scalars(run)
+    tags = tensorboard_scalars(run)
     key = f"train/kd/mask_teacher/{SHORT[block]}"
     assert key in tags and math.isfinite(tags[key][0])
     assert tags[key][0] > 0  # the block computed something (pairs / a difference)
@@ -113,7 +106,7 @@ def test_several_teachers_with_own_caches_and_weights(data3, kd_cache, tmp_path)
         TeacherEntry(name="b", type=TEACHER_TYPE, cache_path=str(other)),  # weight 1/2
     ]
     train(cfg)
-    tags = scalars(tmp_path / "run")
+    tags = tensorboard_scalars(tmp_path / "run")
     a, b = tags["train/kd/a/encoder"][0], tags["train/kd/b/encoder"][0]
     assert a > 0 and b > 0 and a != pytest.approx(b)  # different teachers, different targets
     base = sum(w * tags[f"train/{k}"][0] for k, w in BASE_WEIGHTS.items())
@@ -131,7 +124,7 @@ def test_stage_schedule_switches_distillation(data3, kd_cache, tmp_path):
 
     cfg.stage_schedule = [StageConfig(name="kd", start_epoch=1, distillation=True, lambda_coef=0.5)]
     result = train(cfg)
-    tags = scalars(tmp_path / "run")
+    tags = tensorboard_scalars(tmp_path / "run")
     assert len(result.losses) == 2
     assert len(tags["train/task_loss"]) == 2
     assert len(tags["train/kd/mask_teacher/encoder"]) == 1  # only the second epoch
@@ -147,7 +140,7 @@ def test_online_teacher_provides_embedding_and_tokens(data3, student_ckpt, tmp_p
     )  # fmt: skip
     result = train(cfg)
     assert math.isfinite(result.losses[0])
-    tags = scalars(tmp_path / "run")
+    tags = tensorboard_scalars(tmp_path / "run")
     assert tags["train/kd/mask_teacher/encoder"][0] > 0
     assert math.isfinite(tags["train/kd/mask_teacher/decoder"][0])
 

@@ -7,8 +7,12 @@ import math
 from pathlib import Path
 
 import pytest
-from mask_teacher_helpers import TEACHER_TYPE, save_teacher, write_teacher_cache
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from mask_teacher_helpers import (
+    TEACHER_TYPE,
+    save_teacher,
+    tensorboard_scalars,
+    write_teacher_cache,
+)
 from train_helpers import tiny_config
 
 from maskteacher.train import teacher_source
@@ -21,18 +25,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with require
 def teacher_cache(sample_data, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mt")
     return write_teacher_cache(root / "cache", {"train": sample_data["train"]})
-
-
-@pytest.fixture(scope="module")
-def student_ckpt(tmp_path_factory) -> Path:
-    """A vit_t_tiny start that predicts blobs (a random init predicts nothing that matches)."""
-    return save_teacher(tmp_path_factory.mktemp("st") / "student.pt", 1, model_type="vit_t_tiny")
-
-
-def scalars(run: Path) -> dict[str, list[float]]:
-    acc = EventAccumulator(str(run / "tensorboard"))
-    acc.Reload()
-    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def mask_teacher_block(cache: Path | None, tmp_path: Path, **extra) -> dict:
@@ -79,7 +71,7 @@ def test_method_end_to_end(method, sample_data, teacher_cache, student_ckpt, tmp
     run = tmp_path / "run"
     assert len(result.losses) == 1 and all(math.isfinite(v) for v in result.losses)
     assert (run / "last.pt").is_file() and (run / "student_official.pth").is_file()
-    tags = scalars(run)
+    tags = tensorboard_scalars(run)
     assert {"train/task_loss", "train/bce", "train/dice", "train/cls"} <= set(tags)
     assert all(math.isfinite(v) for values in tags.values() for v in values)
     weights = {"bce": 1.0, "focal": 15.0, "dice": 1.0, "iou": 1.0, "cls": 1.0}
@@ -174,7 +166,7 @@ def test_online_teacher_end_to_end(sample_data, student_ckpt, tmp_path, monkeypa
     )
     result = train(cfg)
     assert len(result.losses) == 2 and all(math.isfinite(v) for v in result.losses)
-    tags = scalars(tmp_path / "run")
+    tags = tensorboard_scalars(tmp_path / "run")
     assert "train/soft" in tags and all(math.isfinite(v) for v in tags["train/soft"])
     assert len(seen) == 2 and all(n > 0 for n, _ in seen)
     assert any(any(flips) for _, flips in seen)  # a flipped image went through the teacher
