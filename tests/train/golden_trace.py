@@ -194,10 +194,18 @@ def cache_hash(path: Path) -> str:
     reader = open_cache(str(path))
     digest = hashlib.sha256()
     records = sorted((reader[i] for i in range(len(reader))), key=lambda r: (r.split, r.image_id))
-    names = (
-        "orig_hw input_hw teacher_logits teacher_points teacher_iou teacher_stability "
-        "teacher_boxes gt_masks embedding tokens"
-    ).split()
+    names = [
+        "orig_hw",
+        "input_hw",
+        "teacher_logits",
+        "teacher_points",
+        "teacher_iou",
+        "teacher_stability",
+        "teacher_boxes",
+        "gt_masks",
+        "embedding",
+        "tokens",
+    ]
     for rec in records:
         digest.update(f"{rec.split}/{rec.image_id}".encode())
         for name in names:
