@@ -112,10 +112,12 @@ def identity(header: CacheHeader, *, layout: bool = False) -> dict[str, Any]:
 def header_mismatch(
     have: CacheHeader, want: CacheHeader, *, layout: bool = True
 ) -> Mismatch | None:
-    """The first field (content, then layout, then fingerprints of splits both headers know)
-    where two headers disagree; None when a writer / merge may combine them."""
+    """The first field (format version, content, the rest of the layout, then fingerprints of
+    splits both headers know) where two headers disagree; None when a writer / merge may
+    combine them."""
     a, b = identity(have, layout=layout), identity(want, layout=layout)
-    for name in (*CONTENT_FIELDS, *(LAYOUT_FIELDS if layout else ())):
+    order = (*LAYOUT_FIELDS[:1], *CONTENT_FIELDS, *LAYOUT_FIELDS[1:]) if layout else CONTENT_FIELDS
+    for name in order:
         if not same_value(a[name], b[name]):
             return Mismatch(name, a[name], b[name])
     for split in sorted(set(have.fingerprints) & set(want.fingerprints)):

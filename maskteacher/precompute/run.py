@@ -137,7 +137,7 @@ def _finish(
     """Rank 0: finalize the manifest, warn about empty teachers, run ``--verify``."""
     summary.manifest_images = finalize(job.cache_path).images
     if summary.mostly_empty:
-        log.warning(summary.empty_warning())
+        log.warning(summary.empty_warning().removeprefix("WARNING: "))
     if job.verify > 0:
         summary.verify = verify_with_teacher(
             job.cache_path,

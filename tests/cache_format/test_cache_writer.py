@@ -231,3 +231,30 @@ def test_two_processes_write_concurrently(tmp_path, make_header, backend):
     for i in range(len(reader)):
         reader[i]
     assert time.perf_counter() - t < 30
+
+
+def test_writer_locks_one_process_per_slice(tmp_path, make_header):
+    """One writer per slice of the work; a run splitting the work differently is refused while
+    another runs; a lock left by a dead process is taken over."""
+    from maskteacher.cache_format.locks import live_writers, writer_lock
+
+    root = tmp_path / "c"
+    init_cache(root, make_header())
+    lock = writer_lock(str(root), "worker0000-of-0002", "2 worker(s)")
+    other = writer_lock(str(root), "worker0001-of-0002", "2 worker(s)")  # the other slice: fine
+    assert {w["slice"] for w in live_writers(str(root))} == {
+        "worker0000-of-0002",
+        "worker0001-of-0002",
+    }
+    with pytest.raises(
+        CacheError, match="slice worker0000-of-0002 is being written by another process"
+    ):
+        writer_lock(str(root), "worker0000-of-0002", "2 worker(s)")
+    with pytest.raises(CacheError, match="splits the work as 2 worker.*this run as 1 worker"):
+        writer_lock(str(root), "worker0000-of-0001", "1 worker(s)")
+    lock.release()
+    other.release()
+    assert not [n for n in os.listdir(root) if n.endswith(".lock")]
+    (root / ".writer-worker0000-of-0001.lock").write_text('{"pid": 999999}')  # a dead holder
+    assert live_writers(str(root)) == []
+    writer_lock(str(root), "worker0000-of-0001", "1 worker(s)").release()
