@@ -5,13 +5,14 @@ file the shard's entry lists and reports unlisted files and links; the *decode* 
 shard's own table (compared with the cache index), checks its arrays against the manifest's
 layout and decodes every image (every chunk's crc32c / fletcher32). Cache-wide checks come
 first: the manifest, every index column (crc32c and sha256) and ids listed twice in one split.
-Shards are spread over ``jobs`` processes (spawned: nothing is inherited from the caller).
+Shards are spread over ``jobs`` processes (forked from a single-threaded caller, else spawned).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,15 +104,20 @@ def verify_cache(
     index = _check_index(source, manifest, report)
     report.problems.extend(_duplicates(manifest, index))
     jobs = min(default_jobs() if jobs is None else max(1, jobs), max(1, len(manifest.shards)))
-    bar = _progress(manifest.images, progress, "verify checksums" if checksums_only else "verify")
+    bar = None  # made after the worker pool (its monitor thread would make fork unsafe)
     for k, (files, ok, problems) in _run_shards(
         os.fspath(path), manifest, index, jobs, checksums_only
     ):
+        if bar is None:
+            bar = _progress(
+                manifest.images, progress, "verify checksums" if checksums_only else "verify"
+            )
         report.files += files
         report.images_ok += ok
         report.problems.extend(problems)
         bar.update(manifest.shards[k].images)
-    bar.close()
+    if bar is not None:
+        bar.close()
     return report
 
 
@@ -167,9 +173,8 @@ def _run_shards(
             yield k, _shard_task(k, checksums_only)
         _CONTEXT = None
         return
-    ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
-        jobs, mp_context=ctx, initializer=_init_worker, initargs=(path,)
+        jobs, mp_context=_pool_context(), initializer=_init_worker, initargs=(path,)
     ) as pool:
         futures = {
             pool.submit(_shard_task, k, checksums_only): k for k in range(len(manifest.shards))
@@ -179,6 +184,14 @@ def _run_shards(
 
 
 _CONTEXT: tuple[ByteSource, Manifest, CacheIndex | None] | None = None
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """fork when this process runs a single thread (workers start at once, nothing to import),
+    spawn otherwise (forking a multi-threaded process could inherit a held lock)."""
+    if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
 
 
 def _init_worker(path: str) -> None:

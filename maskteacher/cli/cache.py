@@ -1,4 +1,4 @@
-"""``maskteacher cache inspect|verify|merge|view``: share and check teacher caches."""
+"""``maskteacher cache inspect|verify|merge|view|upgrade|repair``: share and check teacher caches."""
 
 from __future__ import annotations
 
@@ -13,9 +13,15 @@ from maskteacher.errors import UserError
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("cache", help="inspect, verify, merge and view teacher caches")
+    parser = subparsers.add_parser(
+        "cache", help="inspect, verify, merge, view, upgrade and repair teacher caches"
+    )
     sub = parser.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    for add in (_add_inspect, _add_verify, _add_merge, _add_view, _add_upgrade, _add_repair):
+        add(sub)
 
+
+def _add_inspect(sub: Any) -> None:
     p = sub.add_parser(
         "inspect", help="summarise a cache (images, masks, bytes, codec, teacher, failures)"
     )
@@ -23,6 +29,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run_inspect)
 
+
+def _add_verify(sub: Any) -> None:
     p = sub.add_parser(
         "verify", help="recompute checksums and decode everything; exit 1 if anything is bad"
     )
@@ -43,6 +51,8 @@ def register(subparsers: Any) -> None:
     )
     p.set_defaults(func=run_verify)
 
+
+def _add_upgrade(sub: Any) -> None:
     p = sub.add_parser(
         "upgrade", help="convert a format-1 cache to the current format in place (shards kept)"
     )
@@ -52,6 +62,8 @@ def register(subparsers: Any) -> None:
     )
     p.set_defaults(func=run_upgrade)
 
+
+def _add_repair(sub: Any) -> None:
     p = sub.add_parser(
         "repair",
         help="keep one copy of images stored in two shards (two precompute runs at once), finalize",
@@ -59,6 +71,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("path", help="local cache folder")
     p.set_defaults(func=run_repair)
 
+
+def _add_merge(sub: Any) -> None:
     p = sub.add_parser("merge", help="combine caches (e.g. one per worker) into OUT")
     p.add_argument("out", help="output cache folder (new, or an existing compatible cache)")
     p.add_argument("paths", nargs="+", help="input cache folders")
@@ -67,12 +81,14 @@ def register(subparsers: Any) -> None:
     )
     p.set_defaults(func=run_merge)
 
+
+def _add_view(sub: Any) -> None:
     p = sub.add_parser(
         "view", help="draw one image with its teacher masks and ground-truth outlines"
     )
     p.add_argument("path", help="cache folder or fsspec URL")
     p.add_argument("image_id", help="image id as stored in the cache")
-    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--out", required=True, help="PNG file to write (never an input)")
     p.add_argument(
         "--split", default=None, help="split holding the image (needed if the id is in both)"
     )

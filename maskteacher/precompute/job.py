@@ -85,33 +85,13 @@ class PrecomputeJob:
         configured splits; options: the remaining fields (num_shards, shard_index, limit,
         verify, verify_seed, verify_tolerance, progress).
         """
-        from maskteacher.config import resolve_teacher_type
-
         pc = cfg.precompute
-        image_size = cfg.model.image_size
-        if teacher is None:
-            mt = cfg.mask_teacher
-            spec = TeacherSpec(mt.teacher_type, mt.checkpoint_path, image_size, mt.strict)
-            cache_path, where = mt.cache_path, "mask_teacher.cache_path"
-        else:
-            entry = next((t for t in cfg.teachers if t.name == teacher), None)
-            if entry is None:
-                names = ", ".join(t.name for t in cfg.teachers) or "none configured"
-                raise UserError(f"--teacher {teacher}: no teachers entry of that name ({names})")
-            spec = TeacherSpec(
-                resolve_teacher_type(entry),
-                entry.checkpoint,
-                image_size,
-                entry.strict,
-                config_keys=(f"teachers '{teacher}' type", f"teachers '{teacher}' strict"),
-            )
-            cache_path, where = entry.cache_path, f"teachers '{teacher}' cache_path"
-        where = "--output" if output else where
-        cache_path = output or cache_path
-        if not cache_path:
+        spec, cache_path, where = _teacher_and_cache(cfg, teacher)
+        if not (output or cache_path):
             raise UserError(
                 f"{where} is not set; set it to the folder the cache goes to (or pass --output DIR)"
             )
+        where, cache_path = ("--output", output) if output else (where, cache_path)
         return cls(
             cache_path=str(cache_path),
             teacher=spec,
@@ -148,6 +128,30 @@ class PrecomputeJob:
                 f"{self.cache_key} {self.cache_path}: precompute writes a local folder, not a URL; "
                 "write the cache locally and copy it (URLs are for reading a finished cache)"
             )
+
+
+def _teacher_and_cache(cfg: Any, teacher: str | None) -> tuple[TeacherSpec, str | None, str]:
+    """(the teacher, its cache_path, the config key naming it): ``mask_teacher``, or the
+    ``teachers`` entry named ``teacher``."""
+    from maskteacher.config import resolve_teacher_type
+
+    image_size = cfg.model.image_size
+    if teacher is None:
+        mt = cfg.mask_teacher
+        spec = TeacherSpec(mt.teacher_type, mt.checkpoint_path, image_size, mt.strict)
+        return spec, mt.cache_path, "mask_teacher.cache_path"
+    entry = next((t for t in cfg.teachers if t.name == teacher), None)
+    if entry is None:
+        names = ", ".join(t.name for t in cfg.teachers) or "none configured"
+        raise UserError(f"--teacher {teacher}: no teachers entry of that name ({names})")
+    spec = TeacherSpec(
+        resolve_teacher_type(entry),
+        entry.checkpoint,
+        image_size,
+        entry.strict,
+        config_keys=(f"teachers '{teacher}' type", f"teachers '{teacher}' strict"),
+    )
+    return spec, entry.cache_path, f"teachers '{teacher}' cache_path"
 
 
 def _split_sources(ds: Any, wanted: list[str] | None) -> list[SplitSource]:
