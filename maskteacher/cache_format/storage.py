@@ -101,7 +101,10 @@ class LocalSource(ByteSource):
 
     def read(self, rel: str, start: int, end: int) -> bytes:
         n = end - start
-        data = os.pread(self._fd(rel), n, start)
+        try:
+            data = os.pread(self._fd(rel), n, start)
+        except (OverflowError, ValueError):  # a corrupted offset or length
+            raise CacheError(f"{self.describe(rel)}: bad byte range {start}..{end}") from None
         if len(data) != n:
             raise CacheError(
                 f"{self.describe(rel)} is truncated: wanted bytes {start}..{end}, file ends sooner"

@@ -77,14 +77,19 @@ def _start(config: Path, *extra: str) -> subprocess.Popen:
 
 
 def test_two_processes_on_one_cache_never_write_an_image_twice(tmp_path, teacher_ckpt):
-    """Issue 11 item 9: two precompute runs started a second apart left the same image in two
-    shards. The second now waits for nothing and is refused (or finds the work done)."""
+    """Issue 11 item 9: two precompute runs started a second or two apart left the same image in
+    two shards (the second planned shards the first finished meanwhile, as new attempts). The
+    second is now refused while the first runs (or finds the work done)."""
     from maskteacher.data import make_sample
 
     data = make_sample(tmp_path / "train", images=10, seed=3, size_range=(64, 100))
     config = write_config(tmp_path, train=data, checkpoint=teacher_ckpt, precompute=SLOW)
     first = _start(config)
-    time.sleep(1.0)
+    done = tmp_path / "cache" / "shards" / "train-000000-00.json"
+    deadline = time.monotonic() + 120
+    while not done.exists() and first.poll() is None:  # the first run is a shard ahead
+        assert time.monotonic() < deadline, "the first run made no progress"
+        time.sleep(0.01)
     second = _start(config)
     results = [(p.wait(300), p.communicate()[1]) for p in (first, second)]
     assert {code for code, _ in results} <= {0, 2}
@@ -97,6 +102,31 @@ def test_two_processes_on_one_cache_never_write_an_image_twice(tmp_path, teacher
     assert sorted(reader.image_ids) == sorted(set(reader.image_ids)) and len(reader) == 10
     assert verify_cache(tmp_path / "cache", progress=False).ok
     assert _leftovers(tmp_path / "cache") == []
+
+
+def test_a_running_writer_of_the_slice_refuses_a_second(
+    tmp_path, sample_root, teacher_ckpt, capsys
+):
+    """The same rule, deterministic: while a process holds the slice (as a running precompute
+    does), a second run of that slice, or one splitting the work otherwise, writes nothing."""
+    from maskteacher.cache_format.locks import writer_lock
+
+    config = write_config(tmp_path, train=sample_root, checkpoint=teacher_ckpt)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    lock = writer_lock(str(cache), "worker0000-of-0001", "1 worker(s)")
+    try:
+        assert run_cli(config) == 2
+        assert (
+            "slice worker0000-of-0001 is being written by another process"
+            in capsys.readouterr().err
+        )
+        assert run_cli(config, "--num-shards", 2, "--shard-index", 1) == 2
+        assert "splits the work as 1 worker(s), this run as 2 worker(s)" in capsys.readouterr().err
+        assert not any((cache / "shards").iterdir())
+    finally:
+        lock.release()
+    assert run_cli(config) == 0 and len(open_cache(cache)) == 6
 
 
 def test_sigterm_cleans_up_like_ctrl_c(tmp_path, teacher_ckpt):
