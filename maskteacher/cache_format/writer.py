@@ -276,7 +276,7 @@ def finalize(root: str | os.PathLike[str], *, upgraded_from: dict | None = None)
             upgraded_from=upgraded_from if upgraded_from is not None else _kept_upgrade_note(root),
         )
         for entry in manifest.shards:
-            entry.sidecar = _sidecar_digest(root, entry, scan.header)
+            entry.sidecar = _sidecar_digest(source, entry)
         write_json_atomic(os.path.join(root, MANIFEST_NAME), manifest.to_json())
         prune_indexes(root, {manifest.index.path, *previous})
         source.close()
@@ -315,9 +315,10 @@ def _tables_and_layout(
     return tables, array_specs(scan.header, dims) if scan.shards else {}
 
 
-def _sidecar_digest(root: str, entry: ShardEntry, header: CacheHeader) -> ShardFile:
-    rel = sidecar_rel_path(entry.path, SHARD_SUFFIX[header.backend])
-    size, sha = file_digest(LocalSource(root), rel)
+def _sidecar_digest(source: LocalSource, entry: ShardEntry) -> ShardFile:
+    """Size and sha256 of a shard's sidecar, as the format-2 manifest records them."""
+    rel = sidecar_rel_path(entry.path, SHARD_SUFFIX[entry.backend])
+    size, sha = file_digest(source, rel)
     return ShardFile(rel, size, sha)
 
 
