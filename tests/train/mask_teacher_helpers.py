@@ -22,11 +22,11 @@ from maskteacher.cache_format import (
 from maskteacher.config import PrecomputeConfig
 from maskteacher.data import input_size, masks_to_lowres, open_dataset
 from maskteacher.models import build_sam, sha256_file
-from maskteacher.train.batch import PromptSet, TeacherTargets, TrainSample, collate
-from maskteacher.train.forward import Predictions
+from maskteacher.train.data.batch import PromptSet, TeacherTargets, TrainSample, collate
+from maskteacher.train.data.cache import generation_params
 from maskteacher.train.schedule import EpochSettings
-from maskteacher.train.supervision import StepContext
-from maskteacher.train.teacher_cache import generation_params
+from maskteacher.train.student import Predictions
+from maskteacher.train.supervision.base import StepContext
 
 TEACHER_TYPE = "vit_b_tiny"
 EMBED_DIM = 64  # channels of the tiny models' embeddings and decoder tokens

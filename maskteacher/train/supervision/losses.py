@@ -3,9 +3,22 @@
 Inputs are flattened pixels: ``logits`` (N, K) and ``targets`` (N, K) with K = all low-res
 pixels (L * L) or K sampled pixels per pair. Every function computes in fp32 whatever the
 input dtype (bf16 autocast included) and returns an (N,) float32 tensor.
+
+Soft mask losses of dual supervision (``mask_teacher.soft_loss.type``, :data:`SOFT_LOSSES`),
+on the logits of N (student, teacher) pairs; the teacher side is a constant (detached):
+
+- ``l2``: ``mean_k (s - t)^2`` of the logits;
+- ``kl``: Bernoulli ``KL(sigmoid(s) || sigmoid(t))`` per pixel, averaged over pixels::
+
+      p (log p - log q) + (1 - p) (log(1 - p) - log(1 - q)),  p = sigmoid(s), q = sigmoid(t)
+
+  with ``log p = logsigmoid(s)`` and ``log(1 - p) = logsigmoid(-s)``, so that it stays finite
+  for logits of any size (an int8 cache saturates at +-clip, an online teacher does not).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -99,3 +112,29 @@ def sample_pixels(
     local = torch.Generator(device=device)
     local.manual_seed(seed)
     return torch.randint(num_pixels, (rows, num_samples), generator=local, device=device)
+
+
+# ----------------------------------------------------------------------------- soft mask losses
+
+
+def soft_l2(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of logits over pixels. (N, K), (N, K) -> (N,)."""
+    return (student.float() - teacher.detach().float()).pow(2).mean(-1)
+
+
+def soft_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Bernoulli KL(sigmoid(student) || sigmoid(teacher)) per pixel, mean over pixels, from
+    logits (module docstring). (N, K), (N, K) -> (N,)."""
+    s = student.float()
+    t = teacher.detach().float()
+    log_p, log_not_p = F.logsigmoid(s), F.logsigmoid(-s)
+    log_q, log_not_q = F.logsigmoid(t), F.logsigmoid(-t)
+    p, not_p = torch.sigmoid(s), torch.sigmoid(-s)
+    return (p * (log_p - log_q) + not_p * (log_not_p - log_not_q)).mean(-1)
+
+
+#: ``mask_teacher.soft_loss.type`` -> per-pair loss.
+SOFT_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "l2": soft_l2,
+    "kl": soft_kl,
+}

@@ -1,7 +1,7 @@
 """Teacher masks as matching targets: binarising the teacher's logits, matching to them.
 
 Shared by the mask-teacher strategies (:mod:`.mask_teacher`) and feature distillation
-(:mod:`.feature_kd`). Everything lives in the low-res frame.
+(:mod:`maskteacher.train.distill`). Everything lives in the low-res frame.
 
 A teacher mask is ``logit > 0`` restricted to the low-res pixels that touch the image
 (:func:`maskteacher.models.everything.valid_lowres_mask`): the decoder also answers in the
@@ -14,23 +14,12 @@ assignment would otherwise pair unrelated masks).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from maskteacher.models.everything import valid_lowres_mask
-from maskteacher.train.batch import Batch, TeacherTargets
-from maskteacher.train.matcher import Match, MatchSettings, match_batch
-from maskteacher.train.supervision import ImagePredictions, SupervisionOutput
-
-
-@dataclass
-class TeacherSupervisionOutput(SupervisionOutput):
-    """A strategy's output plus, per image, the pairs (student prediction -> teacher mask index)
-    it matched against the teacher (``None`` when it did not; feature distillation then matches
-    on its own)."""
-
-    teacher_matches: list[Match] | None = None
+from maskteacher.train.data.batch import Batch, TeacherTargets
+from maskteacher.train.supervision.matcher import Match, MatchSettings, match_batch
+from maskteacher.train.supervision.pairs import ImagePredictions
 
 
 def teacher_targets(batch: Batch, field: str) -> list[TeacherTargets]:

@@ -17,17 +17,22 @@ with each coordinate shifted by up to ``max_bbox_shift`` original-frame pixels) 
 Interior points come from the low-res ground truth (a random set pixel; the point is that
 4 x 4 block's centre in the input frame, clamped inside the unpadded image), so the cache and the
 dataset paths sample identically.
+
+The dataset holds one *prompt spec* (:class:`EverythingPromptSpec` or :class:`SinglePromptSpec`)
+and calls its ``make`` for every item with the item's own generator.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from maskteacher.train.batch import PAD_LABEL, PromptSet
+from maskteacher.data.transforms import point_grid
+from maskteacher.train.data.batch import PAD_LABEL, PromptSet, TeacherTargets
 
 
 @dataclass(frozen=True)
@@ -272,3 +277,97 @@ def single_prompts(
         has_box=torch.from_numpy(is_box),
         target=torch.from_numpy(chosen.astype(np.int64)),
     )
+
+
+# ---------------------------------------------------------------------------- prompt specs
+
+
+class PromptSpec(Protocol):
+    """How the dataset makes one item's prompts (``make``, with the item's generator)."""
+
+    needs_teacher_points: bool
+
+    def make(
+        self,
+        *,
+        gt_masks: torch.Tensor,
+        input_hw: tuple[int, int],
+        orig_hw: tuple[int, int],
+        image_size: int,
+        teacher: TeacherTargets | None,
+        rng: np.random.Generator,
+    ) -> PromptSet: ...
+
+
+@dataclass(frozen=True)
+class EverythingPromptSpec:
+    """Everything-mode prompts: ``source`` (a :data:`PROMPT_SOURCES` key), the grid's points per
+    side, and the per-image cap (None: no cap, e.g. validation on the full grid).
+
+    defer_teacher_points: the source reads teacher points that are not loaded with the item
+    because a batch hook computes them on the device (the online teacher); the item then has no
+    prompts and the hook makes them with this spec (``defer_teacher_points`` off) and the
+    item's generator replayed from :attr:`~maskteacher.train.data.batch.TrainSample.key`.
+    """
+
+    source: str = "grid"
+    grid_points: int = 16
+    max_prompts: int | None = 64
+    defer_teacher_points: bool = False
+
+    @property
+    def needs_teacher_points(self) -> bool:
+        return PROMPT_SOURCES[self.source].needs_teacher_points
+
+    def make(
+        self,
+        *,
+        gt_masks: torch.Tensor,
+        input_hw: tuple[int, int],
+        orig_hw: tuple[int, int],
+        image_size: int,
+        teacher: TeacherTargets | None,
+        rng: np.random.Generator,
+    ) -> PromptSet:
+        teacher_points = None
+        if teacher is not None and teacher.points is not None:
+            teacher_points = teacher.points.numpy()
+        elif self.defer_teacher_points and self.needs_teacher_points:
+            return PromptSet.from_points(torch.zeros((0, 2), dtype=torch.float32))
+        inputs = PromptInputs(
+            grid=point_grid(self.grid_points, input_hw),
+            gt_masks=gt_masks,
+            teacher_points=teacher_points,
+            input_hw=input_hw,
+            image_size=image_size,
+        )
+        cap = self.max_prompts if self.max_prompts is not None else 1 << 30
+        return everything_prompts(self.source, inputs, max_prompts=cap, rng=rng)
+
+
+@dataclass(frozen=True)
+class SinglePromptSpec:
+    """Single-mode prompts (one per object), see :func:`single_prompts`."""
+
+    settings: SingleSettings
+
+    needs_teacher_points = False
+
+    def make(
+        self,
+        *,
+        gt_masks: torch.Tensor,
+        input_hw: tuple[int, int],
+        orig_hw: tuple[int, int],
+        image_size: int,
+        teacher: TeacherTargets | None,
+        rng: np.random.Generator,
+    ) -> PromptSet:
+        return single_prompts(
+            gt_masks,
+            settings=self.settings,
+            input_hw=input_hw,
+            orig_hw=orig_hw,
+            image_size=image_size,
+            rng=rng,
+        )

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from maskteacher.models import DecoderOutput, decode_points, preprocess
-from maskteacher.train.batch import Batch
+from maskteacher.train.data.batch import Batch
 
 
 def decode_prompts(
@@ -73,7 +73,7 @@ class Predictions:
     """Student outputs for a batch (P prompts, K masks per prompt, L = S / 4).
 
     logits: (P, K, L, L); iou_pred: (P, K); tokens: (P, K, C) or None; embeddings: (B, C, E, E)
-    image-encoder output (issue 7's feature distillation reads it).
+    image-encoder output (feature distillation reads it).
     """
 
     logits: torch.Tensor

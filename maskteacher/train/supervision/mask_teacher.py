@@ -1,9 +1,9 @@
 """Mask-teacher supervision: the ``replace_gt`` and ``dual_supervision`` strategies.
 
-Both read the teacher's low-res logits from the batch (the cache, or the online teacher hook
-registered here, see :mod:`.teacher_source`); teacher masks are binarised inside the image
-(:func:`~maskteacher.train.teacher_match.teacher_masks`), and a matched pair needs IoU > 0 on
-top of the configured threshold (:mod:`.teacher_match`).
+Both read the teacher's low-res logits from the batch (the cache, or the online teacher hook,
+:mod:`maskteacher.train.data.online_teacher`); teacher masks are binarised inside the image
+(:func:`~maskteacher.train.supervision.teacher_match.teacher_masks`), and a matched pair needs
+IoU > 0 on top of the configured threshold (:mod:`.teacher_match`).
 
 **replace_gt** (``mask_teacher.method: replace_gt``), per image:
 
@@ -13,7 +13,7 @@ top of the configured threshold (:mod:`.teacher_match`).
    replaced by its GT mask;
 3. Hungarian student <-> improved set with the trainer's matching settings (``train.match_*``,
    exactly as the GT path matches against GT) and the task losses (BCE / focal / dice / IoU /
-   cls, :class:`~maskteacher.train.criterion.MaskCriterion`) against it. GT contributes
+   cls, :class:`~maskteacher.train.supervision.criterion.MaskCriterion`) against it. GT contributes
    nothing directly: a GT object no teacher mask found is not a target.
 
 With ``gt_override: false`` (the origin's variant) nothing is replaced and the targets are the
@@ -26,14 +26,14 @@ dice uses ``q`` in place of the binary mask, and the IoU term's actual IoU is th
 
 Logged, not weighted: ``replaced`` -- teacher masks replaced by GT per image.
 
-**dual_supervision**: the GT strategy's matching and task losses unchanged (the same numbers as
+**dual_supervision**: the GT strategy itself (:class:`~.gt.GTSupervision`, the same numbers as
 ``gt``), and in parallel a Hungarian student <-> teacher on IoU (threshold
 ``mask_teacher.iou_threshold``). For each kept pair a pixel-wise soft loss between the student's
 and the teacher's logits (``soft_loss.type``: ``l2`` or ``kl``,
-:mod:`~maskteacher.train.distill_losses`) over all low-res pixels (or ``train.loss_points``
+:data:`~maskteacher.train.supervision.losses.SOFT_LOSSES`) over all low-res pixels (or ``train.loss_points``
 sampled ones, like the task losses), averaged over the kept pairs of the mini-batch (count
 all-reduced under DDP): ``soft = sum_pairs loss / pairs`` -- exactly 0 without pairs
-(:func:`~maskteacher.train.criterion.pair_normaliser`).
+(:func:`~maskteacher.train.supervision.criterion.pair_normalizer`).
 It is the term ``soft`` with weight ``soft_loss.weight``: ``train/task_loss`` includes the
 weighted term, ``train/soft`` logs the unweighted soft loss, the progress bar shows ``soft``.
 Logged, not weighted: ``teacher_pairs`` -- kept student <-> teacher pairs per image.
@@ -43,36 +43,28 @@ from __future__ import annotations
 
 import torch
 
-from maskteacher.config import Config
-from maskteacher.train import losses
-from maskteacher.train.batch import Batch
-from maskteacher.train.criterion import MaskCriterion, pair_normaliser
-from maskteacher.train.distill_losses import SOFT_LOSSES
-from maskteacher.train.forward import Predictions
-from maskteacher.train.matcher import Match, MatchSettings, match_batch
-from maskteacher.train.supervision import (
+from maskteacher.train.data.batch import Batch
+from maskteacher.train.student import Predictions
+from maskteacher.train.supervision import losses
+from maskteacher.train.supervision.base import StepContext, SupervisionOutput
+from maskteacher.train.supervision.criterion import MaskCriterion, pair_normalizer
+from maskteacher.train.supervision.gt import GTSupervision
+from maskteacher.train.supervision.matcher import Match, MatchSettings, match_batch
+from maskteacher.train.supervision.pairs import (
     ImagePredictions,
-    StepContext,
     gather_pairs,
     image_predictions,
     match_and_pair,
     pair_stats,
-    register_batch_hook,
-    register_supervision,
     task_terms,
 )
-from maskteacher.train.teacher_match import (
-    TeacherSupervisionOutput,
+from maskteacher.train.supervision.teacher_match import (
     inside_image,
     match_to_teacher,
     overlapping,
     teacher_logits,
     teacher_masks,
 )
-from maskteacher.train.teacher_source import check_teacher_source, online_teacher_from_config
-
-register_batch_hook(online_teacher_from_config)
-
 
 # ----------------------------------------------------------------------------- replace_gt
 
@@ -106,7 +98,6 @@ def soft_teacher_targets(logits: torch.Tensor, input_hw: torch.Tensor) -> torch.
     return torch.sigmoid(logits.float()) * inside
 
 
-@register_supervision("replace_gt")
 class ReplaceGTSupervision:
     """replace_gt (module docstring). criterion / match: the task criterion and the trainer's
     matching settings; iou_threshold: the teacher <-> GT threshold; gt_override: replace (True)
@@ -122,27 +113,11 @@ class ReplaceGTSupervision:
         iou_threshold: float,
         gt_override: bool = True,
     ) -> None:
-        self.criterion = criterion
-        self.match = match
+        self.student = GTSupervision(criterion=criterion, match=match)
         self.iou_threshold = iou_threshold
         self.gt_override = gt_override
 
-    @classmethod
-    def from_config(
-        cls, cfg: Config, *, criterion: MaskCriterion, match: MatchSettings
-    ) -> ReplaceGTSupervision:
-        check_teacher_source(cfg)
-        mt = cfg.mask_teacher
-        return cls(
-            criterion=criterion,
-            match=match,
-            iou_threshold=mt.iou_threshold,
-            gt_override=mt.gt_override,
-        )
-
-    def __call__(
-        self, preds: Predictions, batch: Batch, ctx: StepContext
-    ) -> TeacherSupervisionOutput:
+    def __call__(self, preds: Predictions, batch: Batch, ctx: StepContext) -> SupervisionOutput:
         images = image_predictions(preds, batch)
         logits = teacher_logits(batch)
         masks = [teacher_masks(t, batch.input_hw[i]) for i, t in enumerate(logits)]
@@ -152,26 +127,22 @@ class ReplaceGTSupervision:
                 masks, batch.gt_masks, iou_threshold=self.iou_threshold
             )
             replaced = sum(len(m) for m in kept)
-            matches, pairs = match_and_pair(
-                images, targets, settings=self.match, image_size=ctx.image_size,
-                generator=ctx.generator,
-            )  # fmt: skip
+            out = self.student.against(images, targets, ctx)
         else:
+            s = self.student
             matches, _ = match_and_pair(
-                images, masks, settings=self.match, image_size=ctx.image_size,
-                generator=ctx.generator,
-            )  # fmt: skip
+                images, masks, settings=s.match, image_size=ctx.image_size, generator=ctx.generator
+            )
             soft = [soft_teacher_targets(t, batch.input_hw[i]) for i, t in enumerate(logits)]
-            pairs = gather_pairs(images, soft, matches)
-        terms = task_terms(self.criterion, pairs, ctx)
-        terms["replaced"] = torch.tensor(replaced / max(batch.num_images, 1))
-        return TeacherSupervisionOutput(
-            terms=terms,
-            weights=dict(ctx.settings.loss_weights),
-            stats=pair_stats(matches, batch.num_images),
-            matches=matches,
-            teacher_matches=matches,  # the improved set keeps the teacher's order
-        )
+            out = SupervisionOutput(
+                terms=task_terms(s.criterion, gather_pairs(images, soft, matches), ctx),
+                weights=dict(ctx.settings.loss_weights),
+                stats=pair_stats(matches, batch.num_images),
+                matches=matches,
+            )
+        out.terms["replaced"] = torch.tensor(replaced / max(batch.num_images, 1))
+        out.teacher_matches = out.matches  # the improved set keeps the teacher's order
+        return out
 
 
 # ----------------------------------------------------------------------------- dual
@@ -208,13 +179,13 @@ def soft_loss_sum(
             s.shape[1], loss_points, rows=s.shape[0], generator=generator, device=s.device
         )
         s, t = s.gather(1, idx), t.gather(1, idx)
-    return SOFT_LOSSES[kind](s, t).sum()
+    return losses.SOFT_LOSSES[kind](s, t).sum()
 
 
-@register_supervision("dual_supervision")
 class DualSupervision:
-    """dual_supervision (module docstring). criterion / match: as the GT strategy;
-    iou_threshold: student <-> teacher threshold; soft_type / soft_weight: ``soft_loss``."""
+    """dual_supervision (module docstring): the GT strategy plus the soft teacher term.
+    criterion / match: as the GT strategy; iou_threshold: student <-> teacher threshold;
+    soft_type / soft_weight: ``soft_loss``."""
 
     teacher_fields: frozenset[str] = frozenset({"logits"})
 
@@ -227,61 +198,31 @@ class DualSupervision:
         soft_type: str = "l2",
         soft_weight: float = 0.5,
     ) -> None:
-        if soft_type not in SOFT_LOSSES:
+        if soft_type not in losses.SOFT_LOSSES:
             raise ValueError(
-                f"unknown soft loss {soft_type!r}; expected one of {list(SOFT_LOSSES)}"
+                f"unknown soft loss {soft_type!r}; expected one of {list(losses.SOFT_LOSSES)}"
             )
-        self.criterion = criterion
-        self.match = match
+        self.gt = GTSupervision(criterion=criterion, match=match)
         self.iou_threshold = iou_threshold
         self.soft_type = soft_type
         self.soft_weight = soft_weight
 
-    @classmethod
-    def from_config(
-        cls, cfg: Config, *, criterion: MaskCriterion, match: MatchSettings
-    ) -> DualSupervision:
-        check_teacher_source(cfg)
-        mt = cfg.mask_teacher
-        return cls(
-            criterion=criterion,
-            match=match,
-            iou_threshold=mt.iou_threshold,
-            soft_type=mt.soft_loss.type,
-            soft_weight=mt.soft_loss.weight,
-        )
-
-    def __call__(
-        self, preds: Predictions, batch: Batch, ctx: StepContext
-    ) -> TeacherSupervisionOutput:
+    def __call__(self, preds: Predictions, batch: Batch, ctx: StepContext) -> SupervisionOutput:
         images = image_predictions(preds, batch)
-        # the GT path, unchanged (same calls in the same order as GTSupervision)
-        matches, pairs = match_and_pair(
-            images, batch.gt_masks, settings=self.match, image_size=ctx.image_size,
-            generator=ctx.generator,
-        )  # fmt: skip
-        terms = task_terms(self.criterion, pairs, ctx)
-        # the teacher path
+        out = self.gt.against(images, batch.gt_masks, ctx)
         logits = teacher_logits(batch)
         masks = [teacher_masks(t, batch.input_hw[i]) for i, t in enumerate(logits)]
-        teacher_matches = match_to_teacher(images, masks, iou_threshold=self.iou_threshold)
-        student, teacher = soft_pairs(images, logits, teacher_matches)
+        out.teacher_matches = match_to_teacher(images, masks, iou_threshold=self.iou_threshold)
+        student, teacher = soft_pairs(images, logits, out.teacher_matches)
         total = soft_loss_sum(
             student,
             teacher,
             kind=self.soft_type,
-            loss_points=self.criterion.loss_points,
+            loss_points=self.gt.criterion.loss_points,
             generator=ctx.generator,
         )
         count = student.shape[0]
-        terms["soft"] = total / pair_normaliser(ctx.reduce_count(count))
-        terms["teacher_pairs"] = torch.tensor(count / max(batch.num_images, 1))
-        weights = dict(ctx.settings.loss_weights)
-        weights["soft"] = self.soft_weight
-        return TeacherSupervisionOutput(
-            terms=terms,
-            weights=weights,
-            stats=pair_stats(matches, batch.num_images),
-            matches=matches,
-            teacher_matches=teacher_matches,
-        )
+        out.terms["soft"] = total / pair_normalizer(ctx.reduce_count(count))
+        out.terms["teacher_pairs"] = torch.tensor(count / max(batch.num_images, 1))
+        out.weights["soft"] = self.soft_weight
+        return out

@@ -1,99 +1,50 @@
-"""Where the mask teacher's outputs come from: the cache, or the teacher run online.
+"""The mask teacher run online: a batch hook filling ``Batch.teacher`` on the device.
 
-With ``mask_teacher.cache_path`` set, the DataLoader workers read the teacher's outputs with each
-image (:mod:`maskteacher.train.cache_targets`) and the teacher model is never built; when
-``mask_teacher.enable`` is on, :func:`check_teacher_source` first refuses a cache made by
-another teacher or with other settings (:func:`~maskteacher.train.teacher_cache.check_cache_identity`).
-
-Without it, and when the config needs teacher outputs (:func:`mask_teacher_fields`: the
-mask-teacher strategies, ``train.prompt_source: teacher|teacher_grid``, or distillation from the
-mask teacher), :func:`online_teacher_from_config` builds the teacher from ``teacher_type`` +
-``checkpoint_path`` and returns an :class:`OnlineTeacher` batch hook: on each device batch it
-runs :func:`maskteacher.models.everything.generate_everything` -- the function precompute uses,
-with the same ``precompute`` parameters -- under ``torch.no_grad()`` in eval mode. The teacher
-is a separate module: not wrapped by DDP, not compiled, not in the optimizer, its parameters
-never require grad.
+Used when the run needs teacher outputs and no cache is given (the builders decide, see
+:func:`maskteacher.train.builders.online_teacher`). :class:`OnlineTeacher` runs
+:func:`maskteacher.models.everything.generate_everything` -- the function precompute uses, with
+the same generation parameters -- under ``torch.no_grad()`` in eval mode on every device batch.
+The teacher is a separate module: not wrapped by DDP, not compiled, not in the optimizer, its
+parameters never require grad (:func:`build_online_teacher`).
 
 Cached and online teachers give the same targets (up to the cache's logit codec): the online
 teacher runs on the *unflipped* image and its logits and points are mirrored exactly as the
-dataset mirrors cached ones (:func:`maskteacher.train.data.flip_teacher`), and with a teacher
-prompt source it makes the prompts the dataset would have made, replaying each item's generator
-from its key (:attr:`~maskteacher.train.batch.TrainSample.key`).
+dataset mirrors cached ones (:func:`maskteacher.train.data.dataset.flip_teacher`), and with a
+teacher prompt source it makes the prompts the dataset would have made, replaying each item's
+generator from its key (:attr:`~maskteacher.train.data.batch.TrainSample.key`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any
 
 import torch
 
-from maskteacher.config import Config
 from maskteacher.data import hflip_input
-from maskteacher.errors import UserError
 from maskteacher.models import build_sam
-from maskteacher.models.everything import EverythingOutput, GenerationParams, generate_everything
-from maskteacher.train.batch import Batch, TeacherTargets, TrainSample, collate
-from maskteacher.train.builders import prompt_spec_from_config
-from maskteacher.train.data import EverythingPromptSpec, flip_teacher, item_flip, item_rng
-from maskteacher.train.feature_kd import batch_teacher_fields
-from maskteacher.train.supervision import get_supervision, strategy_name
-from maskteacher.train.teacher_cache import TeacherIdentity, check_cache_identity, generation_params
-
-log = logging.getLogger(__name__)
+from maskteacher.models.everything import EverythingOutput, generate_everything
+from maskteacher.train.data.batch import Batch, TeacherTargets, TrainSample, collate
+from maskteacher.train.data.dataset import flip_teacher, item_flip, item_rng
+from maskteacher.train.data.prompts import EverythingPromptSpec
 
 #: Fields an online teacher always provides (everything generate_everything returns).
 MASK_FIELDS = frozenset({"logits", "points", "iou", "stability", "boxes"})
 
 
-def mask_teacher_fields(cfg: Config) -> frozenset[str]:
-    """Teacher fields this config needs from the mask teacher (empty: no teacher needed)."""
-    name = strategy_name(
-        mode=cfg.dataset.mode,
-        mask_teacher_enabled=cfg.mask_teacher.enable,
-        method=cfg.mask_teacher.method,
-    )
-    fields = set(get_supervision(name).teacher_fields)
-    if cfg.dataset.mode == "everything" and prompt_spec_from_config(cfg).needs_teacher_points:
-        fields.add("points")
-    return frozenset(fields) | batch_teacher_fields(cfg)
-
-
-def mask_teacher_identity(cfg: Config) -> TeacherIdentity:
-    mt = cfg.mask_teacher
-    return TeacherIdentity(
-        where="mask_teacher.cache_path",
-        teacher_type=mt.teacher_type,
-        type_key="mask_teacher.teacher_type",
-        checkpoint=mt.checkpoint_path,
-        checkpoint_key="mask_teacher.checkpoint_path",
-        image_size=cfg.model.image_size,
-        generation=generation_params(cfg.precompute),
-    )
-
-
-def check_teacher_source(cfg: Config) -> None:
-    """With a cache configured, refuse it unless it matches the mask_teacher block (module doc)."""
-    if cfg.mask_teacher.cache_path is not None:
-        check_cache_identity(cfg.mask_teacher.cache_path, mask_teacher_identity(cfg))
-
-
-def generation_kwargs(cfg: Config) -> dict[str, Any]:
-    """Keyword arguments of ``generate_everything`` from the ``precompute`` section."""
-    return GenerationParams.from_config(cfg.precompute).generator_kwargs()
-
-
 def build_online_teacher(
-    model_type: str, checkpoint: str, *, image_size: int, strict: bool, device: torch.device
+    model_type: str,
+    checkpoint: str,
+    *,
+    image_size: int,
+    strict: bool,
+    device: torch.device,
+    config_keys: tuple[str, str] = ("mask_teacher.teacher_type", "mask_teacher.strict"),
 ) -> torch.nn.Module:
-    """The teacher in eval mode on ``device`` with every parameter frozen."""
+    """The teacher in eval mode on ``device`` with every parameter frozen (config_keys: the keys
+    a checkpoint error names)."""
     model = build_sam(
-        model_type,
-        checkpoint,
-        image_size=image_size,
-        strict=strict,
-        config_keys=("mask_teacher.teacher_type", "mask_teacher.strict"),
+        model_type, checkpoint, image_size=image_size, strict=strict, config_keys=config_keys
     )
     model.requires_grad_(False)
     return model.to(device).eval()
@@ -225,42 +176,3 @@ def _merge(old: TeacherTargets, new: TeacherTargets, provides: frozenset[str]) -
     if "logits" in provides:
         values["logit_scale"] = new.logit_scale
     return TeacherTargets(**values)
-
-
-def online_teacher_from_config(cfg: Config, device: torch.device) -> OnlineTeacher | None:
-    """The online teacher hook when the config needs teacher outputs and has no cache."""
-    needed = mask_teacher_fields(cfg)
-    mt = cfg.mask_teacher
-    if not needed or mt.cache_path is not None:
-        return None
-    if mt.checkpoint_path is None:
-        raise UserError(
-            f"mask_teacher.cache_path is not set and neither is mask_teacher.checkpoint_path: "
-            f"this config needs teacher outputs ({', '.join(sorted(needed))}); set "
-            "mask_teacher.cache_path to a cache made by maskteacher precompute, or "
-            "mask_teacher.checkpoint_path to run the teacher online"
-        )
-    log.info(
-        "no mask_teacher.cache_path: running teacher %s (%s) online on every batch",
-        mt.teacher_type,
-        mt.checkpoint_path,
-    )
-    model = build_online_teacher(
-        mt.teacher_type,
-        mt.checkpoint_path,
-        image_size=cfg.model.image_size,
-        strict=mt.strict,
-        device=device,
-    )
-    spec = prompt_spec_from_config(cfg)
-    teacher_prompts = cfg.dataset.mode == "everything" and spec.needs_teacher_points
-    return OnlineTeacher(
-        model,
-        generation=generation_kwargs(cfg),
-        provides=MASK_FIELDS | (needed & {"embedding", "tokens"}),
-        prompts=spec if teacher_prompts else None,
-        hflip=cfg.train.hflip,
-        seed=cfg.train.seed,
-        image_size=cfg.model.image_size,
-        logit_clip=cfg.precompute.clip if cfg.precompute.codec == "int8" else None,
-    )

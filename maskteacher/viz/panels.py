@@ -1,17 +1,18 @@
 """Overlay pictures of everything-mode results: image | ground truth | student | teacher.
 
 The one drawing path used by ``maskteacher eval`` and by the trainer's ``visual`` section, built
-on :mod:`maskteacher.viz` (numpy + PIL). All masks are (N, H, W) bool in the original frame.
+on :mod:`.overlay` (numpy + PIL). All masks are (N, H, W) bool in the original frame.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from maskteacher.viz import draw_masks, save_png, side_by_side
+from maskteacher.viz.overlay import draw_masks, save_png, side_by_side
 
 PANEL_TITLES = ("image", "ground truth", "student", "teacher")
 TITLE_HEIGHT = 14
@@ -58,3 +59,8 @@ def save_overlay(path: str | Path, *args, **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(path, overlay_panels(*args, **kwargs))
     return path
+
+
+def safe_file_name(image_id: str) -> str:
+    """An image id as a file-name stem: anything but letters, digits, ``.``, ``_``, ``-`` -> ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", image_id)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from maskteacher.train import losses
+from maskteacher.train.supervision import losses
 
 TASK_TERMS = ("bce", "focal", "dice", "iou", "cls")
 
@@ -63,11 +63,15 @@ class MaskCriterion:
         self,
         pairs: PairBatch,
         *,
-        pair_normalizer: float,
-        unmatched_normalizer: float,
+        pair_count: float,
+        unmatched_count: float,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Named terms, each a sum over pairs divided by its normaliser (:func:`pair_normaliser`)."""
+        """Named terms, each a sum over pairs divided by :func:`pair_normalizer` of its count.
+
+        pair_count / unmatched_count: the mini-batch's matched / unmatched counts averaged over
+        the DDP ranks (the local counts without DDP).
+        """
         logits = pairs.logits.flatten(1)
         targets = pairs.targets.flatten(1)
         actual_iou = losses.binary_mask_iou(logits, targets)
@@ -81,8 +85,8 @@ class MaskCriterion:
             )
             logits = logits.gather(1, idx)
             targets = targets.gather(1, idx)
-        norm = pair_normaliser(pair_normalizer)
-        unmatched_norm = pair_normaliser(unmatched_normalizer)
+        norm = pair_normalizer(pair_count)
+        unmatched_norm = pair_normalizer(unmatched_count)
         return {
             "bce": losses.bce_loss(logits, targets).sum() / norm,
             "focal": losses.focal_loss(
@@ -95,7 +99,7 @@ class MaskCriterion:
         }
 
 
-def pair_normaliser(mean_count: float) -> float:
+def pair_normalizer(mean_count: float) -> float:
     """Divisor of a sum over pairs: the pair count averaged over the ranks (``ctx.reduce_count``),
     or 1 when there is no pair anywhere (the sum is 0 then). Not clamped to >= 1: with fewer
     pairs than ranks a clamp would make the DDP loss differ from the one-process loss."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -57,7 +58,7 @@ class PromptSet:
 
 @dataclass
 class TeacherTargets:
-    """Mask-teacher outputs for one image (issue 7 fills and consumes these; all optional).
+    """Mask-teacher outputs for one image (the cache or the online teacher fills them; all optional).
 
     logits: (N, L, L) teacher low-res logits in the cache's stored dtype (int8 codes or float16;
     float32 from an online teacher) -- :meth:`float_logits` gives float32 logits, dequantised
@@ -101,7 +102,7 @@ class TrainSample:
     empty at low resolution are dropped); prompts: the image's prompts; flipped: whether the
     horizontal flip was applied (to image, GT, prompts and teacher outputs alike); key: (reader
     index, epoch) the item was loaded for -- the seed of its random choices
-    (:func:`maskteacher.train.data.item_rng`), so a batch hook that makes the prompts after
+    (:func:`maskteacher.train.data.dataset.item_rng`), so a batch hook that makes the prompts after
     loading (the online teacher with ``train.prompt_source: teacher``) draws exactly what the
     dataset would have drawn.
     """
@@ -226,3 +227,12 @@ def collate(samples: list[TrainSample]) -> Batch:
         teacher=teacher,
         item_keys=[tuple(s.key) for s in samples],
     )
+
+
+class BatchHook(Protocol):
+    """Runs on every device batch before the step (the online teacher filling ``Batch.teacher``);
+    ``provides``: the teacher fields it fills."""
+
+    provides: frozenset[str]
+
+    def __call__(self, batch: Batch) -> Batch: ...

@@ -1,18 +1,7 @@
-"""Teacher losses: the dual-supervision soft loss and the feature-distillation losses.
-
-Small pure functions, one value per row (reduction is the caller's job, as in :mod:`.losses`).
-Every function computes in fp32 whatever the input dtype (bf16 autocast included), treats the
-teacher side as a constant (detached) and returns float32.
-
-Soft mask losses (``mask_teacher.soft_loss.type``), on flattened pixels (N, K) of N pairs:
-
-- ``l2``: ``mean_k (s - t)^2`` of the logits;
-- ``kl``: Bernoulli ``KL(sigmoid(s) || sigmoid(t))`` per pixel, averaged over pixels::
-
-      p (log p - log q) + (1 - p) (log(1 - p) - log(1 - q)),  p = sigmoid(s), q = sigmoid(t)
-
-  with ``log p = logsigmoid(s)`` and ``log(1 - p) = logsigmoid(-s)``, so that it stays finite
-  for logits of any size (an int8 cache saturates at +-clip, an online teacher does not).
+"""Feature-distillation losses: small pure functions, one value per row (reduction is the
+caller's job, as in :mod:`maskteacher.train.supervision.losses`). Every function computes in
+fp32 whatever the input dtype (bf16 autocast included), treats the teacher side as a constant
+(detached) and returns float32.
 
 Feature distillation (``distillation.*``); ``T`` is the block's temperature and every KL is
 ``KL(teacher || student)`` of temperature softmaxes, multiplied by ``T^2`` (Hinton et al.) so
@@ -33,35 +22,8 @@ that its gradient scale does not depend on T:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
-
-# ----------------------------------------------------------------------------- soft mask loss
-
-
-def soft_l2(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of logits over pixels. (N, K), (N, K) -> (N,)."""
-    return (student.float() - teacher.detach().float()).pow(2).mean(-1)
-
-
-def soft_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Bernoulli KL(sigmoid(student) || sigmoid(teacher)) per pixel, mean over pixels, from
-    logits (module docstring). (N, K), (N, K) -> (N,)."""
-    s = student.float()
-    t = teacher.detach().float()
-    log_p, log_not_p = F.logsigmoid(s), F.logsigmoid(-s)
-    log_q, log_not_q = F.logsigmoid(t), F.logsigmoid(-t)
-    p, not_p = torch.sigmoid(s), torch.sigmoid(-s)
-    return (p * (log_p - log_q) + not_p * (log_not_p - log_not_q)).mean(-1)
-
-
-#: ``mask_teacher.soft_loss.type`` -> per-pair loss.
-SOFT_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "l2": soft_l2,
-    "kl": soft_kl,
-}
 
 # ----------------------------------------------------------------------------- feature losses
 
