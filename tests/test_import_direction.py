@@ -115,6 +115,7 @@ TRAIN_LAYERS = [
         "maskteacher.train.checkpoint",
         "maskteacher.train.logger",
         "maskteacher.train.distributed",
+        "maskteacher.train.run_folder",
     ),
     ("maskteacher.train.data",),
     ("maskteacher.train.student",),

@@ -3,8 +3,9 @@
 Entry point: :func:`train` (``maskteacher train CONFIG``). The flow, bottom to top (a module
 imports only from its own level or below; ``tests/test_import_direction.py`` checks it):
 
-1. ``schedule``, ``checkpoint``, ``logger``, ``distributed`` -- leaves: LR schedule and epoch
-   settings, checkpoint files, TensorBoard / progress bar, DDP helpers;
+1. ``schedule``, ``checkpoint``, ``logger``, ``distributed``, ``run_folder`` -- leaves: LR
+   schedule and epoch settings, checkpoint files, TensorBoard / progress bar, DDP helpers, the
+   run folder's checks and lock;
 2. :mod:`.data` -- typed batches, prompts, the dataset, sampling, teacher sources (cache,
    online teacher);
 3. :mod:`.student` -- the student's forward pass (encode, batched decoding);

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
-from maskteacher.cache_format import dataset_fingerprint
+from maskteacher.cache_format import CacheError, dataset_fingerprint
 from maskteacher.data import open_dataset
 from maskteacher.data.dataset import SegmentationDataset
 from maskteacher.errors import UserError
@@ -50,7 +50,8 @@ def open_images(source: ImageSource) -> SegmentationDataset:
 def _targets(
     data: DataSpec, *, split: str, images, fields: frozenset[str], progress: bool = False
 ) -> tuple[TargetSource | None, list[int] | None, str | None]:
-    """Ground truth from the cache when one is configured, else the reader's.
+    """Ground truth from the cache when one is configured (and, when the run needs nothing else
+    from it, usable), else the reader's.
 
     Returns (target source or None for the reader's masks, the reader items to use or None for
     all, the cache id or None). A cache without a validation split leaves validation on the
@@ -59,19 +60,30 @@ def _targets(
     path = data.cache_path
     if path is None:
         return None, None, None
-    if split != "train" and not fields and not cache_data.cache_has_split(path, split):
-        log.info("the cache at %s has no %s split; reading %s ground truth from the dataset",
-                 path, split, split)  # fmt: skip
+    try:
+        if split != "train" and not fields and not cache_data.cache_has_split(path, split):
+            log.info("the cache at %s has no %s split; reading %s ground truth from the dataset",
+                     path, split, split)  # fmt: skip
+            return None, None, None
+        source = cache_data.open_cache_targets(
+            path,
+            split=split,
+            images=images,
+            image_size=data.image_size,
+            teacher_fields=fields,
+            verify=data.verify_on_open and split == "train",
+            progress=progress,
+        )
+    except (UserError, CacheError) as exc:
+        if data.cache_required:
+            raise
+        log.warning(
+            "mask_teacher.enable is false and the cache is not usable for %s ground truth (%s); "
+            "reading it from the dataset",
+            split,
+            exc,
+        )
         return None, None, None
-    source = cache_data.open_cache_targets(
-        path,
-        split=split,
-        images=images,
-        image_size=data.image_size,
-        teacher_fields=fields,
-        verify=data.verify_on_open and split == "train",
-        progress=progress,
-    )
     return source, source.usable_indices, source.cache_id
 
 

@@ -66,7 +66,9 @@ def bind(cfg: Config) -> RunPlan:
         strategy=strategy,
         prompts=prompts,
         val_prompts=prompt_spec(cfg, validation=True),
-        data=data_spec(cfg, check_identity=bool(strategy.teacher_fields)),
+        data=data_spec(
+            cfg, check_identity=bool(strategy.teacher_fields), required=bool(fields) and not online
+        ),
         teacher_fields=frozenset(fields),
         online=online,
         kd_blocks=blocks,
@@ -111,9 +113,10 @@ def _images(d: DatasetConfig, path: str | None, key: str) -> ImageSource | None:
     )
 
 
-def data_spec(cfg: Config, *, check_identity: bool) -> DataSpec:
+def data_spec(cfg: Config, *, check_identity: bool, required: bool) -> DataSpec:
     """The data section of the plan; check_identity: the mask-teacher strategy reads the cache,
-    which must then match the ``mask_teacher`` block."""
+    which must then match the ``mask_teacher`` block; required: the run reads teacher outputs
+    from the cache (see :class:`~maskteacher.train.plan.DataSpec`)."""
     d, t, mt = cfg.dataset, cfg.train, cfg.mask_teacher
     identity = None
     if check_identity and mt.cache_path is not None:
@@ -136,6 +139,7 @@ def data_spec(cfg: Config, *, check_identity: bool) -> DataSpec:
         seed=t.seed,
         cache_path=mt.cache_path,
         verify_on_open=cfg.cache.verify_on_open,
+        cache_required=required,
         identity=identity,
     )
 

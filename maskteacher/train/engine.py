@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from maskteacher.errors import UserError
+from maskteacher.train import distributed as dist_utils
 from maskteacher.train.checkpoint import Progress
 from maskteacher.train.data.batch import Batch, BatchHook
 from maskteacher.train.logger import TrainLogger
@@ -128,7 +130,11 @@ def backward_step(
     settings: LoopSettings,
     device: torch.device,
 ) -> StepResult:
-    """One micro-batch: to the device, batch hooks, loss, backward of ``loss / accumulation``."""
+    """One micro-batch: to the device, batch hooks, loss, backward of ``loss / accumulation``.
+
+    A NaN or infinite loss on any rank raises :class:`NonFiniteLoss` (one line naming the epoch,
+    the step and every term) before anything is back-propagated.
+    """
     device_batch = batch.to(device, non_blocking=True)
     for hook in state.batch_hooks:
         device_batch = hook(device_batch)
@@ -140,8 +146,26 @@ def backward_step(
         ctx=ctx,
         bf16=settings.bf16,
     )
+    if dist_utils.any_rank(not bool(torch.isfinite(result.total.detach())), device):
+        raise NonFiniteLoss(result, ctx)
     state.scaler.scale(result.total / settings.gradient_accumulation).backward()
     return result
+
+
+class NonFiniteLoss(UserError):
+    """The loss of a micro-batch is NaN or infinite (on any rank): training stops before the
+    update, so the weights and the last checkpoint stay as they were."""
+
+    def __init__(self, result: StepResult, ctx: StepContext) -> None:
+        shown = ", ".join(
+            f"{k}={v:.4g}"
+            for k, v in {"total": float(result.total.detach()), **result.terms}.items()
+        )
+        super().__init__(
+            f"the loss is not finite at epoch {ctx.epoch}, after optimizer step {ctx.step} "
+            f"({shown}); training stopped before this update and the last checkpoint is kept -- "
+            "check train.lr, the loss weights and the student checkpoint (model.checkpoint_path)"
+        )
 
 
 def train_one_epoch(

@@ -65,7 +65,10 @@ class ImageSource:
 class DataSpec:
     """Where the images, ground truth and the mask teacher's cache are, and how to load them.
 
-    cache_path: ``mask_teacher.cache_path`` (None: GT from the dataset); verify_on_open:
+    cache_path: ``mask_teacher.cache_path`` (None: GT from the dataset); cache_required: the
+    run reads teacher outputs from the cache -- otherwise (``mask_teacher.enable: false`` and
+    nothing else reading the teacher) the cache only replaces the dataset's ground truth when
+    it exists and matches, and the dataset is read if not; verify_on_open:
     ``cache.verify_on_open``; identity: what the cache must have been made with when the
     mask-teacher strategy reads it (None: not checked).
     """
@@ -79,6 +82,7 @@ class DataSpec:
     seed: int
     cache_path: str | None
     verify_on_open: bool
+    cache_required: bool = True
     identity: TeacherIdentity | None = None
 
 

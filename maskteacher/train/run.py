@@ -33,6 +33,7 @@ from maskteacher.train.data.sampler import batches_per_epoch
 from maskteacher.train.engine import StepParts, StepResult, step_generator, train_one_epoch
 from maskteacher.train.logger import TrainLogger
 from maskteacher.train.plan import RunPlan, RunSettings
+from maskteacher.train.run_folder import RunLock, check_save_dir, remove_stale_temp, writing
 from maskteacher.train.schedule import EpochSettings, build_optimizer, build_scheduler
 from maskteacher.train.student import StudentForward
 from maskteacher.train.supervision.base import StepContext
@@ -79,9 +80,13 @@ def train(cfg: Config, *, stop_after_steps: int | None = None) -> TrainResult:
     total -- for tests that interrupt and resume a run.
     """
     info, device = dist_utils.init_distributed(cfg.train.device)
+    run = None
     try:
-        return TrainingRun.setup(cfg, info, device).fit(stop_after_steps)
+        run = TrainingRun.setup(cfg, info, device)
+        return run.fit(stop_after_steps)
     finally:
+        if run is not None and run.lock is not None:
+            run.lock.release()
         dist_utils.shutdown_distributed()
 
 
@@ -141,6 +146,7 @@ class TrainingRun:
     logger: TrainLogger
     result: TrainResult
     pictures: ValidationPictures | None = None
+    lock: RunLock | None = None
 
     @property
     def settings(self) -> RunSettings:
@@ -150,6 +156,10 @@ class TrainingRun:
     def setup(cls, cfg: Config, info: dist_utils.DistInfo, device: torch.device) -> TrainingRun:
         plan = builders.bind(cfg)
         s = plan.settings
+        d = plan.data
+        sources = (d.train, d.val)
+        paths = [x.path for x in sources if x] + [x.image_root for x in sources if x]
+        check_save_dir(s.save_dir, dataset_paths=paths)
         hook = assemble.online_teacher(plan, device)
         kd = assemble.feature_distillation(plan)
         data = assemble.open_data(plan, info, device)
@@ -196,11 +206,22 @@ class TrainingRun:
         )
         run.resume()
         if info.is_main:
-            s.save_dir.mkdir(parents=True, exist_ok=True)
-            tmp = s.save_dir / f"{RESOLVED_CONFIG}.tmp"
-            tmp.write_text(plan.config_text)
-            tmp.replace(s.save_dir / RESOLVED_CONFIG)
+            run.claim_folder()
         return run
+
+    def claim_folder(self) -> None:
+        """Create and lock the run folder, clear a killed run's leftovers, write the config
+        (rank 0; everything before this point refuses a bad run without writing a file)."""
+        s = self.settings
+        self.lock = RunLock(s.save_dir)
+        self.lock.acquire()
+        for path in remove_stale_temp(s.save_dir):
+            log.info("removed %s, left by an interrupted write", path)
+        path = s.save_dir / RESOLVED_CONFIG
+        tmp = s.save_dir / f"{RESOLVED_CONFIG}.tmp"
+        with writing(path, "resolved config"):
+            tmp.write_text(self.plan.config_text)
+            tmp.replace(path)
 
     # -- checkpoints -------------------------------------------------------------------------
     def resume(self) -> None:
@@ -215,22 +236,37 @@ class TrainingRun:
                 f"{path}: checkpoint was trained with teacher cache {ckpt['cache_id']!r}, "
                 f"the config reads {self.data.cache_id!r}; resume with the same cache"
             )
-        self.sam.load_state_dict(ckpt["model"])
-        self.parts.optimizer.load_state_dict(ckpt["optimizer"])
-        self.parts.scheduler.load_state_dict(ckpt["scheduler"])
-        self.parts.scaler.load_state_dict(ckpt["scaler"])
+        try:
+            self.sam.load_state_dict(ckpt["model"])
+            self.parts.optimizer.load_state_dict(ckpt["optimizer"])
+            self.parts.scheduler.load_state_dict(ckpt["scheduler"])
+            self.parts.scaler.load_state_dict(ckpt["scaler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(
+                f"{path}: the checkpoint's weights or optimizer state do not fit model.type "
+                f"{s.model_type!r} ({first[:200]}); resume from a checkpoint of this run"
+            ) from None
         self.progress = Progress.from_dict(ckpt["progress"])
         restore_rng(ckpt["rng"])
         self.result.best_metric = self.progress.best_metric
-        self.logger.message(
-            f"resumed from {path} at epoch {self.progress.epoch}, step {self.progress.step}"
+        log.info(
+            "resumed from %s at epoch %d, step %d", path, self.progress.epoch, self.progress.step
         )
 
     def save(self, name: str) -> None:
-        """Write checkpoint ``name`` (rank 0 only; atomically)."""
+        """Write checkpoint ``name`` (rank 0 only; atomically). Weights that are not finite are
+        never written: the run stops with one line and the previous checkpoint stays."""
         if not self.info.is_main:
             return
         s = self.settings
+        bad = [n for n, p in self.sam.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise UserError(
+                f"the student's weights are not finite after optimizer step {self.progress.step} "
+                f"({len(bad)} tensors, e.g. {bad[0]}); {name} is not written and the last "
+                "checkpoint is kept -- check train.lr and the loss weights"
+            )
         ckpt = build_checkpoint(
             model_state=self.sam.state_dict(),
             model_type=s.model_type,
@@ -242,7 +278,8 @@ class TrainingRun:
             config_json=json.dumps(self.plan.config, sort_keys=True),
             cache_id=self.data.cache_id,
         )
-        atomic_save(ckpt, s.save_dir / name)
+        with writing(s.save_dir / name, "checkpoint"):
+            atomic_save(ckpt, s.save_dir / name)
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self, stop_after_steps: int | None = None) -> TrainResult:
@@ -265,7 +302,8 @@ class TrainingRun:
                     break
             if self.info.is_main:
                 self.result.export_path = s.save_dir / EXPORT
-                export_official(self.sam, self.result.export_path)
+                with writing(self.result.export_path, "exported student"):
+                    export_official(self.sam, self.result.export_path)
             dist_utils.barrier()
         finally:
             self.logger.close()
