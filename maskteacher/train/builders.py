@@ -115,8 +115,9 @@ def _images(d: DatasetConfig, path: str | None, key: str) -> ImageSource | None:
 
 def data_spec(cfg: Config, *, check_identity: bool, required: bool) -> DataSpec:
     """The data section of the plan; check_identity: the mask-teacher strategy reads the cache,
-    which must then match the ``mask_teacher`` block; required: the run reads teacher outputs
-    from the cache (see :class:`~maskteacher.train.plan.DataSpec`)."""
+    which must then match the ``mask_teacher`` block (with the mask teacher off, teacher prompts
+    or distillation read whatever teacher made the cache); required: the run reads teacher
+    outputs from the cache (see :class:`~maskteacher.train.plan.DataSpec`)."""
     d, t, mt = cfg.dataset, cfg.train, cfg.mask_teacher
     identity = None
     if check_identity and mt.cache_path is not None:
@@ -314,7 +315,9 @@ def _kd_teachers(cfg: Config) -> list[KDTeacherSpec]:
 
 
 def visual_settings(cfg: Config) -> VisualSettings | None:
-    """None when ``visual.status`` is off; a UserError when there is nothing to draw."""
+    """None when ``visual.status`` is off; a UserError when there is nothing to draw. In both
+    dataset modes the pictures show the student's everything-mode masks (grid prompts), as
+    validation measures them."""
     v = cfg.visual
     if not v.status:
         return None
@@ -322,11 +325,6 @@ def visual_settings(cfg: Config) -> VisualSettings | None:
         raise UserError(
             "visual.status is true but dataset.val_dataset is not set: the overlays are "
             "drawn from validation images"
-        )
-    if cfg.dataset.mode != "everything":
-        raise UserError(
-            f"visual.status is true with dataset.mode {cfg.dataset.mode!r}: the overlays "
-            "show everything-mode results; use dataset.mode: everything or visual.status: false"
         )
     return VisualSettings(
         folder=Path(v.save_path) if v.save_path else Path(cfg.model.save_path) / "visual",

@@ -27,6 +27,11 @@ def open_teacher_cache(path: str | None, split: str, image_size: int) -> CacheRe
     if "://" not in str(path) and not (Path(path) / "manifest.json").is_file():
         log.warning("teacher cache %s not found: teacher agreement is not computed", path)
         return None
+    everything = open_cache(path, expect={"image_size": image_size})
+    listed = split in everything.header.fingerprints
+    if not listed and not any(entry.split == split for entry in everything.manifest.shards):
+        log.warning("teacher cache %s holds no '%s' split: no teacher panel", path, split)
+        return None
     reader = open_cache(path, split=split, expect={"image_size": image_size})
     if len(reader) == 0:
         log.warning("teacher cache %s holds no '%s' images: no teacher agreement", path, split)

@@ -1,7 +1,7 @@
 """The mask teacher run online: a batch hook filling ``Batch.teacher`` on the device.
 
 Used when the run needs teacher outputs and no cache is given (the builders decide, see
-:func:`maskteacher.train.builders.online_teacher`). :class:`OnlineTeacher` runs
+:func:`maskteacher.train.assemble.online_teacher`). :class:`OnlineTeacher` runs
 :func:`maskteacher.models.everything.generate_everything` -- the function precompute uses, with
 the same generation parameters -- under ``torch.no_grad()`` in eval mode on every device batch.
 The teacher is a separate module: not wrapped by DDP, not compiled, not in the optimizer, its

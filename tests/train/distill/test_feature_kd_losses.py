@@ -9,24 +9,17 @@ import torch
 from mask_teacher_helpers import box_mask, hand_batch, hand_predictions, logits_of, step_context
 
 from maskteacher.errors import UserError
-from maskteacher.train import distill_losses as dl
-from maskteacher.train.batch import TeacherTargets
-from maskteacher.train.feature_kd import (
-    AttentionBlock,
-    DecoderBlock,
-    EncoderBlock,
-    FeatureDistillation,
-    KDBlocks,
-    RelationalBlock,
-    _Teacher,
-    attention_loss,
-    decoder_pair_loss,
-    encoder_loss,
-    relational_loss,
+from maskteacher.train.data.batch import TeacherTargets
+from maskteacher.train.distill import losses as dl
+from maskteacher.train.distill.blocks import (
+    AttentionMatching,
+    DecoderMatching,
+    EncoderMatching,
+    RelationalKD,
 )
-from maskteacher.train.matcher import Match
-from maskteacher.train.supervision import SupervisionOutput
-from maskteacher.train.teacher_match import TeacherSupervisionOutput
+from maskteacher.train.distill.feature_kd import FeatureDistillation, KDTeacher
+from maskteacher.train.supervision.base import SupervisionOutput
+from maskteacher.train.supervision.matcher import Match
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 
@@ -37,39 +30,39 @@ def test_encoder_loss_hand_value():
     student = torch.zeros(1, 2, 2, 2)
     teacher = torch.zeros(1, 2, 2, 2)
     teacher[0, 0, 1, 1] = 2 * LN3  # channel 0: softmax(t / 2) = (1, 1, 1, 3) / 6
-    block = EncoderBlock(lambda_mse=1.0, lambda_kl=0.5, temperature=2.0, weight=1.0)
+    block = EncoderMatching(lambda_mse=1.0, lambda_kl=0.5, temperature=2.0, weight=1.0)
     # MSE: (2 ln 3)^2 over 8 values; KL channel 0: 0.5 log(2/3) + 0.5 log 2 = 0.5 log(4/3),
     # times T^2 = 4; channel 1: 0; mean over channels: log(4/3)
     want = (2 * LN3) ** 2 / 8 + 0.5 * math.log(4 / 3)
-    assert float(encoder_loss(student, teacher, block)) == pytest.approx(want, rel=1e-6)
-    assert float(encoder_loss(teacher, teacher, block)) == pytest.approx(0.0, abs=1e-7)
+    assert float(block.loss(student, teacher, "t")) == pytest.approx(want, rel=1e-6)
+    assert float(block.loss(teacher, teacher, "t")) == pytest.approx(0.0, abs=1e-7)
 
 
 def test_decoder_pair_loss_hand_value():
     s = torch.tensor([[1.0, 0.0]])
     t = torch.tensor([[0.0, 1.0]])
-    block = DecoderBlock(
+    block = DecoderMatching(
         lambda_mse=1.0, lambda_cos=2.0, lambda_kl=3.0, temperature=1.0, weight=1.0,
         iou_threshold=0.3,
     )  # fmt: skip
     e = math.e
     # MSE 1, 1 - cos = 1, KL(softmax(t) || softmax(s)) = (e - 1) / (e + 1)
     want = 1.0 + 2.0 + 3.0 * (e - 1) / (e + 1)
-    assert decoder_pair_loss(s, t, block).tolist() == pytest.approx([want], rel=1e-6)
+    assert block.pair_loss(s, t, "t").tolist() == pytest.approx([want], rel=1e-6)
 
 
 def test_attention_maps_standardised_and_kl_hand_value():
     f = torch.tensor([[[[1.0, 3.0]], [[1.0, 1.0]]]])  # (1, 2, 1, 2): energy (1, 5)
     assert dl.attention_map(f)[0].tolist() == pytest.approx([-1.0, 1.0])
-    block = AttentionBlock(lambda_=1.0, temperature=1.0, weight=1.0)
-    assert float(attention_loss(f, f * 7, block)) == pytest.approx(0.0, abs=1e-6)
+    block = AttentionMatching(lambda_=1.0, temperature=1.0, weight=1.0)
+    assert float(block.loss(f, f * 7, "t")) == pytest.approx(0.0, abs=1e-6)
     reverse = f.flip(-1)  # map (1, -1)
     e2 = math.e**2
     want = 2 * (e2 - 1) / (e2 + 1)  # KL(softmax(-1, 1) || softmax(1, -1))
-    assert float(attention_loss(reverse, f, block)) == pytest.approx(want, rel=1e-5)
+    assert float(block.loss(reverse, f, "t")) == pytest.approx(want, rel=1e-5)
     # scale does not matter, widths may differ (3 teacher channels, 2 student channels)
     teacher = torch.cat([reverse, reverse[:, :1]], dim=1) * 10  # map (1, -1) again
-    assert float(attention_loss(f, teacher, block)) == pytest.approx(want, rel=1e-5)
+    assert float(block.loss(f, teacher, "t")) == pytest.approx(want, rel=1e-5)
 
 
 def test_rkd_hand_values_and_small_batches():
@@ -82,11 +75,11 @@ def test_rkd_hand_values_and_small_batches():
     c = [0.0, 0.0] + [math.sqrt(0.5)] * 4  # cosines at the right angle and the two 45s
     want_angle = sum(0.5 * (x - 0.5) ** 2 for x in c) / 6  # teacher: cos 60 = 0.5
     assert float(dl.rkd_angle(student, teacher)) == pytest.approx(want_angle, rel=1e-5)
-    block = RelationalBlock(lambda_=2.0, dist_factor=1.0, angle_factor=3.0, weight=1.0)
+    block = RelationalKD(lambda_=2.0, dist_factor=1.0, angle_factor=3.0, weight=1.0)
     emb_s = student[:, :, None, None].expand(3, 2, 2, 2)  # pooling gives the vectors back
     emb_t = teacher[:, :, None, None].expand(3, 3, 4, 4)
     want = 2.0 * (want_dist + 3.0 * want_angle)
-    assert float(relational_loss(emb_s, emb_t, block)) == pytest.approx(want, rel=1e-5)
+    assert float(block.loss(emb_s, emb_t)) == pytest.approx(want, rel=1e-5)
     for n in (1, 2):  # fewer than 3 images: exactly 0, finite, still differentiable
         s = student[:n].clone().requires_grad_(True)
         loss = dl.rkd_distance(s, teacher[:n]) + dl.rkd_angle(s, teacher[:n])
@@ -96,16 +89,16 @@ def test_rkd_hand_values_and_small_batches():
 
 
 def test_shape_mismatches_are_errors_not_broadcasts():
-    enc = EncoderBlock(1.0, 1.0, 1.0, 1.0)
+    enc = EncoderMatching(1.0, 1.0, 1.0, 1.0)
     with pytest.raises(UserError, match=r"encoder_matching.*\(64, 4, 4\).*'big'.*\(256, 4, 4\)"):
-        encoder_loss(torch.zeros(2, 64, 4, 4), torch.zeros(2, 256, 4, 4), enc, name="big")
+        enc.loss(torch.zeros(2, 64, 4, 4), torch.zeros(2, 256, 4, 4), "big")
     with pytest.raises(UserError, match=r"attention_matching.*\(64, 4, 4\).*\(64, 8, 8\)"):
-        attention_loss(
-            torch.zeros(2, 64, 4, 4), torch.zeros(2, 64, 8, 8), AttentionBlock(1.0, 1.0, 1.0)
+        AttentionMatching(1.0, 1.0, 1.0).loss(
+            torch.zeros(2, 64, 4, 4), torch.zeros(2, 64, 8, 8), "t"
         )
-    dec = DecoderBlock(1.0, 1.0, 1.0, 1.0, 1.0, 0.3)
+    dec = DecoderMatching(1.0, 1.0, 1.0, 1.0, 1.0, 0.3)
     with pytest.raises(UserError, match=r"decoder_matching.*\(64,\).*\(256,\)"):
-        decoder_pair_loss(torch.zeros(3, 64), torch.zeros(3, 256), dec)
+        dec.pair_loss(torch.zeros(3, 64), torch.zeros(3, 256), "t")
 
 
 # --------------------------------------------------------------------- the distillation block
@@ -132,18 +125,16 @@ def kd_case():
     return batch, preds
 
 
-def kd_block(**blocks) -> FeatureDistillation:
-    teacher = _Teacher("t", 0.5, lambda batch: batch.teacher, from_batch=True)
-    return FeatureDistillation(
-        teachers=[teacher], blocks=KDBlocks(**blocks), batch_fields=frozenset()
-    )
+def kd_block(*blocks) -> FeatureDistillation:
+    teacher = KDTeacher("t", 0.5, source=lambda batch: batch.teacher, from_batch=True)
+    return FeatureDistillation(teachers=[teacher], blocks=list(blocks), batch_fields=frozenset())
 
 
 def test_block_weights_switch_and_decoder_pairs():
     batch, preds = kd_case()
-    dec = DecoderBlock(1.0, 0.0, 0.0, 1.0, 4.0, iou_threshold=0.5)
-    enc = EncoderBlock(1.0, 0.0, 1.0, 2.0)
-    aux = kd_block(encoder=enc, decoder=dec)
+    dec = DecoderMatching(1.0, 0.0, 0.0, 1.0, 4.0, iou_threshold=0.5)
+    enc = EncoderMatching(1.0, 0.0, 1.0, 2.0)
+    aux = kd_block(enc, dec)
     assert aux.needs_tokens
     out = aux(preds, batch, step_context(lambda_coef=3.0), SupervisionOutput({}, {}))
     # weights: lambda_coef * teacher weight * block weight
@@ -152,12 +143,12 @@ def test_block_weights_switch_and_decoder_pairs():
     # own matching: s0 -> teacher 1 (1, 1), s1 -> teacher 0 (0, 1); token MSEs 0.5 and 0.5
     assert float(out.terms["kd/t/decoder"]) == pytest.approx(0.5)
     # the strategy's student <-> teacher pairs are used when given: only (s1, teacher 0)
-    given = TeacherSupervisionOutput(
+    given = SupervisionOutput(
         {}, {}, teacher_matches=[Match(torch.tensor([1]), torch.tensor([0]), torch.ones(1))]
     )
     out = aux(preds, batch, step_context(lambda_coef=3.0), given)
     assert float(out.terms["kd/t/decoder"]) == pytest.approx(0.5)  # ((0-0)^2 + (2-1)^2) / 2
-    given = TeacherSupervisionOutput(
+    given = SupervisionOutput(
         {}, {}, teacher_matches=[Match(torch.tensor([0]), torch.tensor([0]), torch.ones(1))]
     )
     out = aux(preds, batch, step_context(), given)
@@ -169,7 +160,7 @@ def test_block_weights_switch_and_decoder_pairs():
 
 def test_decoder_without_pairs_is_zero():
     batch, preds = kd_case()
-    dec = DecoderBlock(1.0, 1.0, 1.0, 1.0, 1.0, iou_threshold=0.5)
-    given = TeacherSupervisionOutput({}, {}, teacher_matches=[Match.empty()])
-    out = kd_block(decoder=dec)(preds, batch, step_context(), given)
+    dec = DecoderMatching(1.0, 1.0, 1.0, 1.0, 1.0, iou_threshold=0.5)
+    given = SupervisionOutput({}, {}, teacher_matches=[Match.empty()])
+    out = kd_block(dec)(preds, batch, step_context(), given)
     assert float(out.terms["kd/t/decoder"]) == 0.0

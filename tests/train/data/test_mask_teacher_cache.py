@@ -13,9 +13,10 @@ from train_helpers import IMAGE_SIZE, tiny_config
 from maskteacher.cli import main as cli_main
 from maskteacher.config import TeacherEntry
 from maskteacher.errors import UserError
-from maskteacher.train.builders import strategy_from_config
-from maskteacher.train.mask_teacher import DualSupervision
+from maskteacher.train import assemble, builders
+from maskteacher.train.distributed import DistInfo
 from maskteacher.train.run import train
+from maskteacher.train.supervision.mask_teacher import DualSupervision
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,12 @@ def dual_config(tmp_path, data, cache, **sections):
     return cfg, path
 
 
+def open_run(cfg):
+    """Bind ``cfg`` and open its data as the trainer does (the cache checks happen here)."""
+    plan = builders.bind(cfg)
+    return plan, assemble.open_data(plan, DistInfo(), torch.device("cpu"))
+
+
 def test_matching_cache_and_checkpoint_pass(sample_data, teacher_ckpt, tmp_path):
     cache = write_teacher_cache(
         tmp_path / "cache", {"train": sample_data["train"]}, checkpoint=teacher_ckpt,
@@ -47,7 +54,8 @@ def test_matching_cache_and_checkpoint_pass(sample_data, teacher_ckpt, tmp_path)
         tmp_path, sample_data, cache,
         mask_teacher={"checkpoint_path": str(teacher_ckpt)}, precompute={"points_per_side": 8},
     )  # fmt: skip
-    assert isinstance(strategy_from_config(cfg), DualSupervision)
+    plan, data = open_run(cfg)
+    assert isinstance(plan.strategy, DualSupervision) and data.cache_id.startswith("sha256:")
 
 
 @pytest.mark.parametrize(
@@ -91,7 +99,7 @@ def test_cache_config_mismatch_is_one_line(
     cache = write_teacher_cache(tmp_path / "cache", {"train": sample_data["train"]}, **cache_kwargs)
     cfg, path = dual_config(tmp_path, sample_data, cache, **sections)
     with pytest.raises(UserError) as info:
-        strategy_from_config(cfg)
+        open_run(cfg)
     message = str(info.value)
     assert "\n" not in message and message.startswith("mask_teacher.cache_path")
     for part in expected:
@@ -108,10 +116,11 @@ def test_checkpoint_sha_checked_when_the_file_is_present(sample_data, teacher_ck
     )
     cfg, _ = dual_config(tmp_path, sample_data, cache, mask_teacher={"checkpoint_path": str(other)})
     with pytest.raises(UserError, match=r"mask_teacher.checkpoint_path .*other.pt has sha256"):
-        strategy_from_config(cfg)
+        open_run(cfg)
     # absent file: training from the cache needs no weights, nothing to compare
     cfg.mask_teacher.checkpoint_path = str(tmp_path / "gone.pt")
-    assert isinstance(strategy_from_config(cfg), DualSupervision)
+    plan, data = open_run(cfg)
+    assert isinstance(plan.strategy, DualSupervision) and data.cache_id.startswith("sha256:")
 
 
 @pytest.mark.parametrize(
@@ -176,8 +185,6 @@ def test_no_cache_and_no_checkpoint_is_one_line(sample_data, tmp_path, capsys):
 
 
 def test_online_teacher_is_frozen_and_outside_the_optimizer(sample_data, teacher_ckpt, tmp_path):
-    from maskteacher.train.teacher_source import online_teacher_from_config
-
     cfg, _ = tiny_config(
         tmp_path, sample_data,
         mask_teacher={
@@ -185,16 +192,14 @@ def test_online_teacher_is_frozen_and_outside_the_optimizer(sample_data, teacher
             "checkpoint_path": str(teacher_ckpt),
         },
     )  # fmt: skip
-    hook = online_teacher_from_config(cfg, torch.device("cpu"))
+    plan = builders.bind(cfg)
+    hook = assemble.online_teacher(plan, torch.device("cpu"))
     assert not hook.model.training
     assert not any(p.requires_grad for p in hook.model.parameters())
     assert hook.provides >= {"logits", "points"} and "embedding" not in hook.provides
     assert hook.model.image_encoder.img_size == IMAGE_SIZE
     # the hook gives the teacher's outputs, computed without autograd
-    from maskteacher.train.builders import data_from_config
-    from maskteacher.train.distributed import DistInfo
-
-    parts = data_from_config(cfg, DistInfo(), torch.device("cpu"), frozenset())
+    parts = assemble.open_data(plan, DistInfo(), torch.device("cpu"))
     batch = hook(next(iter(parts.train_loader)))
     assert batch.teacher is not None and len(batch.teacher) == batch.num_images
     assert all(not t.logits.requires_grad for t in batch.teacher)

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from maskteacher.train.matcher import (
+from maskteacher.train.supervision.matcher import (
     Match,
     MatchSettings,
     lowres_pixels,

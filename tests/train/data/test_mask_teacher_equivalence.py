@@ -6,6 +6,7 @@ train breaks it."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -16,21 +17,15 @@ from train_helpers import IMAGE_SIZE, make_data
 from maskteacher.config import config_from_dict
 from maskteacher.models import build_sam
 from maskteacher.precompute import PrecomputeJob, run_precompute
-from maskteacher.train.batch import collate
-from maskteacher.train.builders import data_from_config
-from maskteacher.train.criterion import MaskCriterion
+from maskteacher.train import assemble, builders
+from maskteacher.train.data.batch import collate
+from maskteacher.train.distill.blocks import DecoderMatching, EncoderMatching
+from maskteacher.train.distill.feature_kd import FeatureDistillation, KDTeacher
 from maskteacher.train.distributed import DistInfo
-from maskteacher.train.feature_kd import (
-    DecoderBlock,
-    EncoderBlock,
-    FeatureDistillation,
-    KDBlocks,
-    _Teacher,
-)
-from maskteacher.train.forward import StudentForward, run_forward
-from maskteacher.train.mask_teacher import DualSupervision, ReplaceGTSupervision
-from maskteacher.train.matcher import MatchSettings
-from maskteacher.train.teacher_source import online_teacher_from_config
+from maskteacher.train.student import StudentForward, run_forward
+from maskteacher.train.supervision.criterion import MaskCriterion
+from maskteacher.train.supervision.mask_teacher import DualSupervision, ReplaceGTSupervision
+from maskteacher.train.supervision.matcher import MatchSettings
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 
@@ -44,6 +39,34 @@ def codec_bound(codec: str, logits: torch.Tensor) -> torch.Tensor:
     if codec == "int8":
         return torch.full_like(logits, CLIP / 254)
     return FP16_REL * logits.abs()
+
+
+def as_precompute_batches(hook, online, epoch: int, batch_size: int) -> dict:
+    """image id -> the online teacher's outputs with the precompute job's batch composition
+    (``batch_size`` images per batch, in dataset order), in float32 with no codec involved."""
+    out = {}
+    n = len(online)
+    for start in range(0, n, batch_size):
+        items = [online[(k, epoch)] for k in range(start, min(start + batch_size, n))]
+        batch = hook(collate(items))
+        out.update(zip(batch.image_ids, batch.teacher))
+    return out
+
+
+def float32_noise(reference, logits: torch.Tensor) -> float:
+    """Largest logit difference between the same teacher on the same image batched two ways.
+
+    The test teacher's mask head is scaled x1000 (:func:`mask_teacher_helpers.tiny_teacher`): its
+    logits are sums of large cancelling terms, whose float32 rounding depends on which images
+    share a batch. The cache was written from batches of ``precompute.batch_size`` (2), the
+    online teacher here sees one batch of 3; the fp16 codec's bound (2^-11 |x|) is tight
+    enough for that difference to show (measured: ~6e-5 against a bound of ~3e-2 at the
+    largest logits, a few pixels over by ~1e-5)."""
+    noise = float((reference.logits - logits).abs().max())
+    # a float32 effect, far below the codec's own error: an image, frame or order mix-up
+    # between the two batchings would be orders of magnitude larger
+    assert noise <= 0.1 * FP16_REL * float(logits.abs().max()), noise
+    return noise
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +96,7 @@ def config(setup, codec: str, cache_path):
                 "max_prompts": 10,
                 "device": "cpu",
                 "seed": 3,
-                "hflip": True,
+                "hflip": False,  # turned on in the plan (flipping_plan)
                 "prompt_source": "teacher_grid",
             },
             "mask_teacher": {
@@ -84,7 +107,7 @@ def config(setup, codec: str, cache_path):
                 "iou_threshold": 0.1,
                 "cache_path": cache_path,
             },
-            # embeddings and tokens are part of the comparison (the block is not built here)
+            # embeddings and tokens are part of the comparison (the blocks are built below)
             "distillation": {
                 "enable": True,
                 "encoder_matching": {"enable": True},
@@ -107,6 +130,15 @@ def config(setup, codec: str, cache_path):
     )
 
 
+def flipping_plan(cfg):
+    """The run plan of ``cfg`` with flips on. The comparison needs both the teacher outputs
+    feature distillation reads (embeddings, tokens) and flipped images, a combination ``bind``
+    refuses for training (a cached embedding describes the unflipped image), so the config is
+    bound without flips and the plan's data spec turns them on."""
+    plan = builders.bind(cfg)
+    return dataclasses.replace(plan, data=dataclasses.replace(plan.data, hflip=True))
+
+
 def close(a: float, b: float, rel: float) -> bool:
     return math.isfinite(a) and abs(a - b) <= rel * max(1.0, abs(a))
 
@@ -121,10 +153,13 @@ def test_cached_and_online_teacher_agree(codec, setup):
 
     cpu = torch.device("cpu")
     fields = frozenset({"logits", "points", "embedding", "tokens"})
-    cached = data_from_config(cached_cfg, DistInfo(), cpu, fields).train_set
-    hook = online_teacher_from_config(online_cfg, cpu)
-    assert fields <= hook.provides
-    online = data_from_config(online_cfg, DistInfo(), cpu, frozenset()).train_set
+    cached_plan, online_plan = flipping_plan(cached_cfg), flipping_plan(online_cfg)
+    assert cached_plan.teacher_fields == online_plan.teacher_fields == fields
+    assert cached_plan.online is None and online_plan.prompts.defer_teacher_points
+    cached = assemble.open_data(cached_plan, DistInfo(), cpu).train_set
+    hook = assemble.online_teacher(online_plan, cpu)
+    assert fields <= hook.provides and hook.hflip
+    online = assemble.open_data(online_plan, DistInfo(), cpu).train_set
 
     torch.manual_seed(0)
     student = build_sam("vit_t_tiny", str(setup["student"]), image_size=IMAGE_SIZE)
@@ -145,11 +180,11 @@ def test_cached_and_online_teacher_agree(codec, setup):
         ),
     }
     kd = FeatureDistillation(
-        teachers=[_Teacher("t", 1.0, lambda batch: batch.teacher, from_batch=True)],
-        blocks=KDBlocks(
-            encoder=EncoderBlock(1.0, 1.0, 2.0, 1.0),
-            decoder=DecoderBlock(1.0, 1.0, 1.0, 1.0, 1.0, iou_threshold=0.1),
-        ),
+        teachers=[KDTeacher("t", 1.0, source=lambda batch: batch.teacher, from_batch=True)],
+        blocks=[
+            EncoderMatching(1.0, 1.0, 2.0, 1.0),
+            DecoderMatching(1.0, 1.0, 1.0, 1.0, 1.0, iou_threshold=0.1),
+        ],
         batch_fields=fields,
     )
     flips, teacher_pairs = set(), 0
@@ -159,6 +194,7 @@ def test_cached_and_online_teacher_agree(codec, setup):
         b = hook(collate([online[k] for k in keys]))
         assert a.image_ids == b.image_ids and torch.equal(a.flipped, b.flipped)
         flips.update(a.flipped.tolist())
+        reference = as_precompute_batches(hook, online, epoch, cached_cfg.precompute.batch_size)
         assert torch.equal(a.images, b.images)
         assert all(torch.equal(x, y) for x, y in zip(a.gt_masks, b.gt_masks))
         # the same teacher masks, in the same order and frame
@@ -166,7 +202,10 @@ def test_cached_and_online_teacher_agree(codec, setup):
             assert x.points.shape[0] > 0, a.image_ids[i]
             assert torch.equal(x.points, y.points), a.image_ids[i]
             err = (x.float_logits() - y.float_logits()).abs()
-            assert (err <= codec_bound(codec, y.logits) + 1e-6).all(), a.image_ids[i]
+            bound = codec_bound(codec, y.logits) + 1e-6
+            if codec == "fp16":  # int8 keeps its bound: a step ~800x the noise, clipped logits
+                bound = bound + 2 * float32_noise(reference[a.image_ids[i]], y.logits)
+            assert (err <= bound).all(), (a.image_ids[i], float((err - bound).max()))
             for name in ("embedding", "tokens"):
                 cached_v, online_v = getattr(x, name).float(), getattr(y, name)
                 bound = FP16_REL * online_v.abs() + 1e-6

@@ -8,15 +8,15 @@ import pytest
 import torch
 from mask_teacher_helpers import box_mask, hand_batch, hand_predictions, logits_of, step_context
 
-from maskteacher.train.criterion import MaskCriterion, PairBatch, weighted_total
-from maskteacher.train.distill_losses import soft_kl, soft_l2
-from maskteacher.train.mask_teacher import (
+from maskteacher.train.supervision.criterion import MaskCriterion, PairBatch, weighted_total
+from maskteacher.train.supervision.gt import GTSupervision
+from maskteacher.train.supervision.losses import soft_kl, soft_l2
+from maskteacher.train.supervision.mask_teacher import (
     DualSupervision,
     ReplaceGTSupervision,
     improved_teacher_sets,
 )
-from maskteacher.train.matcher import MatchSettings
-from maskteacher.train.supervision import GTSupervision
+from maskteacher.train.supervision.matcher import MatchSettings
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 
@@ -212,8 +212,8 @@ def test_replace_gt_targets_are_the_improved_set_only():
             targets=torch.stack([t1, g0, t2]),
             unmatched_iou_pred=preds.iou_pred[3:, 0],
         ),
-        pair_normalizer=3,
-        unmatched_normalizer=1,
+        pair_count=3,
+        unmatched_count=1,
     )
     for key, value in want.items():
         assert float(out.terms[key]) == pytest.approx(float(value)), key
@@ -241,8 +241,8 @@ def test_replace_gt_without_override_trains_on_soft_teacher_masks():
             targets=soft[[1, 0, 2]],
             unmatched_iou_pred=preds.iou_pred[3:, 0],
         ),
-        pair_normalizer=3,
-        unmatched_normalizer=1,
+        pair_count=3,
+        unmatched_count=1,
     )
     for key, value in want.items():
         assert float(out.terms[key]) == pytest.approx(float(value)), key
@@ -255,7 +255,7 @@ def test_replace_gt_without_override_trains_on_soft_teacher_masks():
 
 def test_teacher_masks_are_cleared_in_the_padding():
     """Teacher logits in the padding (beyond the unpadded image) do not make targets."""
-    from maskteacher.train.teacher_match import teacher_masks
+    from maskteacher.train.supervision.teacher_match import teacher_masks
 
     logits = torch.full((1, 8, 8), 4.0)
     masks = teacher_masks(logits, torch.tensor([32, 20]))  # w_in 20 -> 5 low-res columns

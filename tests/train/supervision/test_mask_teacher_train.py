@@ -15,7 +15,8 @@ from mask_teacher_helpers import (
 )
 from train_helpers import tiny_config
 
-from maskteacher.train import teacher_source
+from maskteacher.train import assemble
+from maskteacher.train.data import online_teacher
 from maskteacher.train.run import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
@@ -119,8 +120,9 @@ def test_cache_run_never_builds_the_teacher(sample_data, teacher_cache, tmp_path
     def refuse(*args, **kwargs):
         raise AssertionError("the teacher model was built although a cache is configured")
 
-    monkeypatch.setattr(teacher_source, "build_online_teacher", refuse)
-    monkeypatch.setattr(teacher_source, "build_sam", refuse)
+    monkeypatch.setattr(assemble, "build_online_teacher", refuse)
+    monkeypatch.setattr(online_teacher, "build_online_teacher", refuse)
+    monkeypatch.setattr(online_teacher, "build_sam", refuse)
     cfg, _ = tiny_config(
         tmp_path,
         sample_data,
@@ -136,7 +138,7 @@ def test_online_teacher_end_to_end(sample_data, student_ckpt, tmp_path, monkeypa
     """No cache: the teacher runs on every batch (flips, teacher prompts made after it ran)."""
     ckpt = save_teacher(tmp_path / "teacher.pt")
     seen = []
-    original = teacher_source.OnlineTeacher.with_teacher_prompts
+    original = online_teacher.OnlineTeacher.with_teacher_prompts
 
     def spy(self, batch):
         assert batch.num_prompts == 0  # the dataset left the prompts to the teacher
@@ -144,7 +146,7 @@ def test_online_teacher_end_to_end(sample_data, student_ckpt, tmp_path, monkeypa
         seen.append((out.num_prompts, out.flipped.tolist()))
         return out
 
-    monkeypatch.setattr(teacher_source.OnlineTeacher, "with_teacher_prompts", spy)
+    monkeypatch.setattr(online_teacher.OnlineTeacher, "with_teacher_prompts", spy)
     cfg, _ = tiny_config(
         tmp_path,
         sample_data,

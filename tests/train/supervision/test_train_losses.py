@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from maskteacher.train import losses
-from maskteacher.train.criterion import MaskCriterion, PairBatch, weighted_total
+from maskteacher.train.supervision import losses
+from maskteacher.train.supervision.criterion import MaskCriterion, PairBatch, weighted_total
 
 LOGITS = torch.tensor([[0.0, 2.0]])
 TARGETS = torch.tensor([[1.0, 0.0]])
@@ -67,9 +67,9 @@ def _pairs():
     )
 
 
-def test_criterion_sums_over_pairs_and_divides_by_normaliser():
+def test_criterion_sums_over_pairs_and_divides_by_the_counts():
     pairs = _pairs()
-    terms = MaskCriterion()(pairs, pair_normalizer=4.0, unmatched_normalizer=3.0)
+    terms = MaskCriterion()(pairs, pair_count=4.0, unmatched_count=3.0)
     assert set(terms) == {"bce", "focal", "dice", "iou", "cls"}
     bce0 = float(losses.bce_loss(LOGITS, TARGETS))
     bce1 = float(losses.bce_loss(torch.tensor([[20.0, -20.0]]), TARGETS))
@@ -84,12 +84,12 @@ def test_criterion_sums_over_pairs_and_divides_by_normaliser():
 def test_criterion_divides_by_a_rank_averaged_count_below_one():
     # under DDP the averaged pair count can be 0.5 (1 pair on one of 2 ranks): no clamp to 1
     pairs = _pairs()
-    whole = MaskCriterion()(pairs, pair_normalizer=1.0, unmatched_normalizer=1.0)
-    half = MaskCriterion()(pairs, pair_normalizer=0.5, unmatched_normalizer=0.5)
+    whole = MaskCriterion()(pairs, pair_count=1.0, unmatched_count=1.0)
+    half = MaskCriterion()(pairs, pair_count=0.5, unmatched_count=0.5)
     for name in whole:
         torch.testing.assert_close(half[name], 2 * whole[name])
     # no pair anywhere: divide by 1 (the sums are 0)
-    none = MaskCriterion()(pairs, pair_normalizer=0.0, unmatched_normalizer=0.0)
+    none = MaskCriterion()(pairs, pair_count=0.0, unmatched_count=0.0)
     torch.testing.assert_close(none["bce"], whole["bce"])
 
 
@@ -101,10 +101,8 @@ def test_criterion_on_sampled_points_and_empty_pairs():
         targets=torch.rand(3, 16, 16) > 0.5,
         unmatched_iou_pred=torch.zeros(0),
     )
-    sampled = MaskCriterion(loss_points=32)(
-        big, pair_normalizer=3, unmatched_normalizer=0, generator=gen
-    )
-    full = MaskCriterion()(big, pair_normalizer=3, unmatched_normalizer=0)
+    sampled = MaskCriterion(loss_points=32)(big, pair_count=3, unmatched_count=0, generator=gen)
+    full = MaskCriterion()(big, pair_count=3, unmatched_count=0)
     assert abs(float(sampled["bce"]) - float(full["bce"])) < 0.3  # an estimate of the same mean
     torch.testing.assert_close(sampled["iou"], full["iou"])  # IoU target always uses all pixels
     assert float(full["cls"]) == 0.0
@@ -114,7 +112,7 @@ def test_criterion_on_sampled_points_and_empty_pairs():
         targets=torch.zeros(0, 4, 4, dtype=torch.bool),
         unmatched_iou_pred=torch.zeros(0),
     )
-    terms = MaskCriterion()(empty, pair_normalizer=0, unmatched_normalizer=0)
+    terms = MaskCriterion()(empty, pair_count=0, unmatched_count=0)
     assert all(float(v.detach()) == 0.0 for v in terms.values())
 
 
@@ -129,7 +127,7 @@ def test_weighted_total_applies_weights_in_one_place():
 
 
 def test_sample_pixels_reproducible_from_the_generator_state():
-    from maskteacher.train.losses import sample_pixels
+    from maskteacher.train.supervision.losses import sample_pixels
 
     g = torch.Generator().manual_seed(3)
     state = g.get_state()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from maskteacher.models import build_sam
-from maskteacher.train.forward import StudentForward, decode_prompts
+from maskteacher.train.student import StudentForward, decode_prompts
 
 S = 64
 
@@ -123,12 +123,13 @@ def test_mixed_boxes_and_points_keep_prompt_order():
 
 def test_step_without_prompts_still_backpropagates():
     """A batch whose images have no prompt at all gives a zero loss that backward accepts."""
-    from maskteacher.train.batch import PromptSet, TrainSample, collate
-    from maskteacher.train.criterion import MaskCriterion
+    from maskteacher.train.data.batch import PromptSet, TrainSample, collate
     from maskteacher.train.engine import compute_loss
-    from maskteacher.train.matcher import MatchSettings
     from maskteacher.train.schedule import EpochSettings
-    from maskteacher.train.supervision import GTSupervision, StepContext
+    from maskteacher.train.supervision.base import StepContext
+    from maskteacher.train.supervision.criterion import MaskCriterion
+    from maskteacher.train.supervision.gt import GTSupervision
+    from maskteacher.train.supervision.matcher import MatchSettings
 
     sam = _model(seed=6)
     sample = TrainSample(

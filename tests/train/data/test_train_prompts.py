@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from maskteacher.data import point_grid
-from maskteacher.train.prompts import (
+from maskteacher.train.data.prompts import (
     PROMPT_SOURCES,
     PromptInputs,
     SingleSettings,

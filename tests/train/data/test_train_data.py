@@ -9,15 +9,11 @@ from train_helpers import IMAGE_SIZE, make_data, write_cache
 from maskteacher.cache_format import CacheError
 from maskteacher.data import hflip_input, hflip_lowres, open_dataset
 from maskteacher.errors import UserError
-from maskteacher.train.batch import collate
-from maskteacher.train.cache_targets import open_cache_targets
-from maskteacher.train.data import (
-    EverythingPromptSpec,
-    ResumableSampler,
-    SinglePromptSpec,
-    TrainDataset,
-)
-from maskteacher.train.prompts import SingleSettings
+from maskteacher.train.data.batch import collate
+from maskteacher.train.data.cache import open_cache_targets
+from maskteacher.train.data.dataset import TrainDataset
+from maskteacher.train.data.prompts import EverythingPromptSpec, SinglePromptSpec, SingleSettings
+from maskteacher.train.data.sampler import ResumableSampler
 
 L = IMAGE_SIZE // 4
 
