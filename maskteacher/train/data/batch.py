@@ -51,10 +51,6 @@ class PromptSet:
             target=torch.full((n,), -1, dtype=torch.int64),
         )
 
-    def first_points(self) -> torch.Tensor:
-        """(P, 2) the first point of each prompt (everything mode's only point)."""
-        return self.points[:, 0, :]
-
 
 @dataclass
 class TeacherTargets:
@@ -155,9 +151,6 @@ class Batch:
     @property
     def num_prompts(self) -> int:
         return int(self.points.shape[0])
-
-    def prompt_counts(self) -> list[int]:
-        return (self.prompt_offsets[1:] - self.prompt_offsets[:-1]).tolist()
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """A copy with every tensor on ``device`` (host-side offsets stay on the CPU)."""

@@ -19,8 +19,6 @@ import torch
 
 from maskteacher.train.supervision import losses
 
-TASK_TERMS = ("bce", "focal", "dice", "iou", "cls")
-
 
 @dataclass
 class PairBatch:

@@ -198,21 +198,6 @@ def match_batch(
     return matches
 
 
-def match_masks(
-    pred_logits: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    settings: MatchSettings,
-    prompt_pixels: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> Match:
-    """Match one image: (P, L, L) logits against (M, L, L) bool targets (see :func:`match_batch`)."""
-    pixels = [prompt_pixels] if prompt_pixels is not None else None
-    return match_batch(
-        [pred_logits], [targets], settings=settings, prompt_pixels=pixels, generator=generator
-    )[0]
-
-
 def unmatched(num_predictions: int, match: Match) -> torch.Tensor:
     """(U,) long indices of the predictions that ``match`` left without a target."""
     free = torch.ones(num_predictions, dtype=torch.bool)

@@ -76,7 +76,7 @@ def test_hflip_is_consistent_for_image_gt_prompts_and_teacher(sample_data, tmp_p
         col, row = int(pts[k, 0] // 4), int(pts[k, 1] // 4)
         assert logits[k, row, col] > 0
     # the prompts are the (flipped) teacher points
-    assert torch.equal(b.prompts.first_points(), pts)
+    assert torch.equal(b.prompts.points[:, 0, :], pts)
 
 
 def test_item_draws_depend_on_seed_epoch_index_only(sample_data):

@@ -75,12 +75,12 @@ def test_sources_counts_and_caps():
     assert len(everything_prompts("grid", inputs(), max_prompts=5, rng=rng)) == 5
     gt = everything_prompts("gt", inputs(), max_prompts=100, rng=rng)
     assert len(gt) == 3
-    for p, m in zip(gt.first_points().numpy(), masks()):
+    for p, m in zip(gt.points[:, 0, :].numpy(), masks()):
         assert inside(p[None], m)
     mixed = everything_prompts("mixed", inputs(), max_prompts=6, rng=rng)
     assert len(mixed) == 6  # 3 GT points (half the budget) + 3 grid points
     grid_set = {tuple(p) for p in point_grid(4, INPUT_HW).tolist()}
-    in_grid = [tuple(p) in grid_set for p in mixed.first_points().tolist()]
+    in_grid = [tuple(p) in grid_set for p in mixed.points[:, 0, :].tolist()]
     assert sum(in_grid) == 3
 
 
@@ -88,9 +88,9 @@ def test_teacher_sources():
     teacher = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], np.float32)
     rng = np.random.default_rng(0)
     out = everything_prompts("teacher", inputs(teacher), max_prompts=10, rng=rng)
-    assert out.first_points().tolist() == teacher.tolist()
+    assert out.points[:, 0, :].tolist() == teacher.tolist()
     both = everything_prompts("teacher_grid", inputs(teacher), max_prompts=8, rng=rng)
-    assert len(both) == 8 and both.first_points()[:2].tolist() == teacher[:2].tolist()
+    assert len(both) == 8 and both.points[:, 0, :][:2].tolist() == teacher[:2].tolist()
     assert PROMPT_SOURCES["teacher"].needs_teacher_points
     with pytest.raises(ValueError, match="teacher"):
         everything_prompts("teacher", inputs(None), max_prompts=4, rng=rng)

@@ -13,7 +13,6 @@ from maskteacher.train.supervision.matcher import (
     MatchSettings,
     lowres_pixels,
     match_batch,
-    match_masks,
     pairwise_bce_cost,
     pairwise_dice_cost,
     pairwise_mask_iou,
@@ -31,6 +30,14 @@ def box_mask(x0, y0, x1, y1, size=L) -> torch.Tensor:
 
 def logits_of(masks: torch.Tensor) -> torch.Tensor:
     return torch.where(masks, 5.0, -5.0)
+
+
+def match_masks(preds, targets, *, settings, prompt_pixels=None, generator=None) -> Match:
+    """One image through :func:`match_batch` (the trainer always matches whole batches)."""
+    pixels = None if prompt_pixels is None else [prompt_pixels]
+    return match_batch(
+        [preds], [targets], settings=settings, prompt_pixels=pixels, generator=generator
+    )[0]
 
 
 def test_pairwise_iou_hand_computed():
