@@ -10,7 +10,7 @@ from precompute_helpers import IMAGE_SIZE, make_teacher
 from segment_anything import SamAutomaticMaskGenerator
 from torchvision.ops import box_iou
 
-import maskteacher.models.everything as everything
+import maskteacher.models.features as features
 from maskteacher.data import generate_sample, point_grid, to_model_input
 from maskteacher.models import DecoderOutput, build_sam
 from maskteacher.models.everything import (
@@ -146,7 +146,7 @@ def synthetic_model(monkeypatch):
         logits, iou = synthetic_decoder(points.cpu(), low)
         return DecoderOutput(low_res_logits=logits, iou_pred=iou)
 
-    monkeypatch.setattr(everything, "decode_points", fake_decode_points)
+    monkeypatch.setattr(features, "decode_points", fake_decode_points)
     return model
 
 
@@ -231,7 +231,7 @@ def test_padding_does_not_count_for_stability_or_boxes(monkeypatch):
         iou = torch.tensor([[0.9, 0.8, 0.7]]).expand(points.shape[0], 3)
         return DecoderOutput(low_res_logits=logits, iou_pred=iou)
 
-    monkeypatch.setattr(everything, "decode_points", fake)
+    monkeypatch.setattr(features, "decode_points", fake)
     out = generate_everything(
         model,
         x[None],
