@@ -33,7 +33,7 @@ ENTRIES = {
 
 def test_model_types_lists_the_registry():
     assert SAM_TYPES == ("vit_h", "vit_l", "vit_b", "vit_t", "vit_t_tiny", "vit_b_tiny")
-    assert HQ_TYPES == tuple(f"{t}_hq" for t in SAM_TYPES)
+    assert tuple(f"{t}_hq" for t in SAM_TYPES) == HQ_TYPES
     assert MODEL_TYPES == SAM_TYPES + HQ_TYPES
     assert set(OFFICIAL_TYPES) == {"vit_h", "vit_l", "vit_b", "vit_t"}
 

@@ -253,7 +253,9 @@ def test_generate_everything_with_sam_hq_needs_the_images():
     model = build_sam("vit_b_tiny_hq", image_size=64)
     x, hw = to_model_input(np.zeros((50, 60, 3), np.uint8), 64)
     with pytest.raises(ValueError, match="SAM-HQ model"):
-        generate_everything(model, None, [hw], [(50, 60)], image_embeddings=torch.zeros(1, 64, 4, 4))
+        generate_everything(
+            model, None, [hw], [(50, 60)], image_embeddings=torch.zeros(1, 64, 4, 4)
+        )
     outs = generate_everything(
         model,
         x[None],
