@@ -130,6 +130,12 @@ def test_spec_block_sam_hq_teacher_precompute_train_eval(setup, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 3 and metrics["teacher_agreement"] is not None
 
+    # eval also runs the SAM-HQ teacher itself (model.type names it; the file loads strictly)
+    teacher = ["--checkpoint", str(root / "sam_hq_vit_tiny.pth"), "--out", str(root / "eval_t")]
+    assert main(["eval", str(config), *teacher, "--set", "model.type=vit_t_hq"]) == 0
+    metrics = json.loads((root / "eval_t" / "metrics.json").read_text())
+    assert metrics["model_type"] == "vit_t_hq" and metrics["teacher_agreement"] > 0.9
+
 
 def test_online_sam_hq_teacher_from_the_spec_block(setup):
     """No cache: the trainer builds the teacher from the spec's block (detected as vit_t_hq)."""
