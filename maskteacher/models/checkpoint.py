@@ -185,8 +185,7 @@ def _indices(keys: Iterable[str], pattern: str) -> set[int]:
 
 @cache
 def registry_signatures() -> dict[str, EncoderSignature | None]:
-    """Encoder signature of every SAM registry entry (built on the meta device: no memory, fast;
-    a SAM-HQ entry has its SAM type's encoder)."""
+    """Encoder signature of every SAM entry (meta device; a SAM-HQ entry has its SAM type's)."""
     out: dict[str, EncoderSignature | None] = {}
     for name, builder in SAM_BUILDERS.items():
         with torch.device("meta"):

@@ -7,9 +7,10 @@ import pytest
 import torch
 from mask_teacher_helpers import save_teacher, step_context
 from test_mask_teacher_equivalence import FP16_REL, codec_bound, config
-from train_helpers import IMAGE_SIZE, make_data
+from train_helpers import IMAGE_SIZE, make_data, tiny_config
 
 from maskteacher.cache_format import open_cache
+from maskteacher.cli import main
 from maskteacher.models import build_sam, is_hq_model
 from maskteacher.precompute import PrecomputeJob, run_precompute
 from maskteacher.train.batch import collate
@@ -96,3 +97,14 @@ def test_online_hq_teacher_never_receives_gradients(setup):
     assert any(p.grad is not None for p in student.parameters())
     assert all(p.grad is None for p in teacher.parameters())
     assert not teacher.training
+
+
+def test_sam_hq_student_is_refused_in_one_line(sample_data, tmp_path, capsys):
+    _, path = tiny_config(tmp_path, sample_data, load=False, model={"type": "vit_t_tiny_hq"})
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "maskteacher: error: model.type: vit_t_tiny_hq is a SAM-HQ model, a teacher "
+        "(mask_teacher.teacher_type) or a model to evaluate, not a student; train one of "
+        "vit_h, vit_l, vit_b, vit_t, vit_t_tiny, vit_b_tiny"
+    ]
