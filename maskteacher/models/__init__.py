@@ -18,7 +18,7 @@ from maskteacher.models.checkpoint import (
 )
 from maskteacher.models.decode import DecoderOutput, decode_points, preprocess
 from maskteacher.models.freeze import set_batchnorm_eval, set_trainable
-from maskteacher.models.hq import is_hq_model, resolve_teacher_type
+from maskteacher.models.hq import built_teacher_type, is_hq_model
 from maskteacher.models.registry import (
     HQ_TYPES,
     HQ_VARIANTS,
@@ -45,7 +45,7 @@ __all__ = [
     "load_checkpoint",
     "preprocess",
     "read_state_dict",
-    "resolve_teacher_type",
+    "built_teacher_type",
     "set_batchnorm_eval",
     "set_trainable",
     "sha256_file",

@@ -56,7 +56,7 @@ def hq_variant(model_type: str, state: Mapping[str, object]) -> str | None:
     return HQ_VARIANTS[model_type]
 
 
-def resolve_teacher_type(model_type: str, checkpoint: str | os.PathLike[str] | None) -> str:
+def built_teacher_type(model_type: str, checkpoint: str | os.PathLike[str] | None) -> str:
     """The registry type a teacher of type ``model_type`` with ``checkpoint`` is built as: the
     SAM-HQ variant for a SAM type and a SAM-HQ checkpoint, else ``model_type`` (also when there
     is no checkpoint file). Reads only the checkpoint's keys (memory-mapped)."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from maskteacher.models import build_sam, resolve_teacher_type, sha256_file
+from maskteacher.models import build_sam, built_teacher_type, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class TeacherSpec:
     def built_type(self) -> str:
         """The registry type the teacher is built as (and the cache header's ``teacher_type``):
         ``model_type``, or its SAM-HQ variant for a SAM-HQ checkpoint (module docstring)."""
-        return resolve_teacher_type(self.model_type, self.checkpoint)
+        return built_teacher_type(self.model_type, self.checkpoint)
 
     def identity(self, model: torch.nn.Module | None = None) -> str:
         """The cache header's ``checkpoint_sha256`` for this teacher (module docstring)."""

@@ -15,9 +15,9 @@ from maskteacher.errors import UserError
 from maskteacher.models import (
     HQ_VARIANTS,
     build_sam,
+    built_teacher_type,
     is_hq_model,
     preprocess,
-    resolve_teacher_type,
 )
 from maskteacher.models.everything import generate_everything
 from maskteacher.models.features import decode_prompts, encode_features
@@ -179,9 +179,9 @@ def test_teacher_with_a_sam_type_and_a_sam_hq_file_builds_sam_hq(tmp_path, caplo
         explicit = build_sam("vit_b_tiny_hq", path, image_size=64, config_keys=TEACHER_KEYS)
     assert explicit.model_type == "vit_b_tiny_hq"
     assert not any("SAM-HQ checkpoint detected" in r.message for r in caplog.records)
-    assert resolve_teacher_type("vit_b_tiny", path) == "vit_b_tiny_hq"
-    assert resolve_teacher_type("vit_b_tiny", tmp_path / "absent.pth") == "vit_b_tiny"
-    assert resolve_teacher_type("vit_b_tiny_hq", path) == "vit_b_tiny_hq"
+    assert built_teacher_type("vit_b_tiny", path) == "vit_b_tiny_hq"
+    assert built_teacher_type("vit_b_tiny", tmp_path / "absent.pth") == "vit_b_tiny"
+    assert built_teacher_type("vit_b_tiny_hq", path) == "vit_b_tiny_hq"
 
 
 def test_student_given_a_sam_hq_file_gets_the_strict_loading_error(tmp_path):
