@@ -376,14 +376,15 @@ class MaskTeacherConfig:
     )
     teacher_type: str = _f(
         "vit_h",
-        "Teacher backbone: vit_h (SAM-H), vit_l, vit_b, vit_t (MobileSAM) or a tiny test variant.",
+        "Teacher backbone: vit_h (SAM-H), vit_l, vit_b, vit_t (MobileSAM), their SAM-HQ variants (vit_h_hq, ...) or a tiny test variant; a SAM-HQ checkpoint on a SAM type builds its SAM-HQ variant.",
     )
     checkpoint_path: str | None = _f(
         None,
         "Teacher weights (needed to run the teacher online or to precompute); when the file exists, its sha256 must match the cache's.",
     )
     strict: bool = _f(
-        True, "Require every teacher checkpoint key to match (false: e.g. SAM-HQ files on vit_h)."
+        True,
+        "Require every teacher checkpoint key to match; false loads what matches and reports the rest.",
     )
     iou_threshold: float = _f(
         0.3,
@@ -463,6 +464,10 @@ class PrecomputeConfig:
     )
     multimask_output: bool = _f(
         True, "Decode 3 candidate masks per grid point, as SamAutomaticMaskGenerator does."
+    )
+    hq_token_only: bool = _f(
+        False,
+        "SAM-HQ teachers: true keeps only the HQ token's mask; false adds it to SAM's best mask, as segment-anything-hq's SamAutomaticMaskGenerator does. Ignored by SAM models.",
     )
     store: StoreConfig = _f(factory=StoreConfig, help="What goes into the cache.")
     backend: Literal["zarr", "hdf5"] = _f("zarr", "Cache shard format.")

@@ -94,19 +94,7 @@ def evaluate_checkpoint(
             torch.cuda.synchronize(dev)
         start = time.perf_counter()
         result = generate_everything(
-            model,
-            image[None].to(dev),
-            [input_hw],
-            [orig_hw],
-            points_per_side=settings.points_per_side,
-            points_per_batch=settings.points_per_batch,
-            pred_iou_thresh=settings.pred_iou_thresh,
-            stability_score_thresh=settings.stability_score_thresh,
-            stability_score_offset=settings.stability_score_offset,
-            box_nms_thresh=settings.box_nms_thresh,
-            max_masks_per_image=settings.max_masks_per_image,
-            multimask_output=settings.multimask_output,
-            bf16=settings.bf16,
+            model, image[None].to(dev), [input_hw], [orig_hw], **settings.generator_kwargs()
         )[0]
         masks = lowres_to_masks(
             result.logits, image_size=image_size, input_hw=input_hw, orig_hw=orig_hw

@@ -45,8 +45,11 @@ def tiny_teacher(
     nothing."""
     torch.manual_seed(seed)
     model = build_sam(model_type, image_size=image_size)
+    mlps = list(model.mask_decoder.output_hypernetworks_mlps)
+    if hasattr(model.mask_decoder, "hf_mlp"):  # SAM-HQ's HQ token
+        mlps.append(model.mask_decoder.hf_mlp)
     with torch.no_grad():
-        for mlp in model.mask_decoder.output_hypernetworks_mlps:
+        for mlp in mlps:
             mlp.layers[-1].weight.mul_(scale)
             mlp.layers[-1].bias.mul_(scale)
     return model
