@@ -12,17 +12,9 @@ from maskteacher.cli.common import add_config_arguments, config_from_args
 
 
 def _train(args: argparse.Namespace) -> int:
-    from maskteacher.errors import UserError
-    from maskteacher.models import HQ_TYPES, SAM_TYPES
     from maskteacher.train import train
 
-    cfg = config_from_args(args)
-    if cfg.model.type in HQ_TYPES:  # its encoder returns (embedding, features): not a student
-        raise UserError(
-            f"model.type: {cfg.model.type} is a SAM-HQ model, a teacher (mask_teacher.teacher_type)"
-            f" or a model to evaluate, not a student; train one of {', '.join(SAM_TYPES)}"
-        )
-    result = train(cfg)
+    result = train(config_from_args(args))
     if result.is_main:
         best = "n/a" if result.best_metric is None else f"{result.best_metric:.4f}"
         stop = " (early stop)" if result.stopped_early else ""

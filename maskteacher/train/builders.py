@@ -17,6 +17,7 @@ from pathlib import Path
 
 from maskteacher.config import Config, DatasetConfig, resolve_teacher_type, teacher_weights
 from maskteacher.errors import UserError
+from maskteacher.models import HQ_TYPES, SAM_TYPES
 from maskteacher.models.everything import GenerationParams
 from maskteacher.train.data.cache import TeacherIdentity, generation_params
 from maskteacher.train.data.online_teacher import MASK_FIELDS
@@ -147,6 +148,11 @@ def data_spec(cfg: Config, *, check_identity: bool, required: bool) -> DataSpec:
 
 def run_settings(cfg: Config) -> RunSettings:
     m, t = cfg.model, cfg.train
+    if m.type in HQ_TYPES:  # its encoder returns (embedding, features): not a student
+        raise UserError(
+            f"model.type: {m.type} is a SAM-HQ model, a teacher (mask_teacher.teacher_type) or a "
+            f"model to evaluate, not a student; train one of {', '.join(SAM_TYPES)}"
+        )
     return RunSettings(
         model_type=m.type,
         checkpoint=m.checkpoint_path,

@@ -44,7 +44,8 @@ from maskteacher.cache_format import (
 from maskteacher.cache_format.verify import verify_cache
 from maskteacher.data.dataset import Sample, SegmentationDataset
 from maskteacher.errors import UserError
-from maskteacher.models import sha256_file
+from maskteacher.models import HQ_VARIANTS, sha256_file
+from maskteacher.models.hq import built_teacher_type
 from maskteacher.train.data.batch import TeacherTargets
 from maskteacher.train.data.dataset import Targets
 
@@ -267,9 +268,39 @@ class TeacherIdentity:
     generation: dict[str, Any]
 
 
+#: Generation parameters a cache records only for some teachers (SAM-HQ's ``hq_token_only``);
+#: compared when the cache records them.
+OPTIONAL_GENERATION_KEYS = ("hq_token_only",)
+
+
 def generation_params(precompute: Any) -> dict[str, Any]:
-    """The :data:`GENERATION_KEYS` values of a ``precompute`` config section."""
-    return {key: getattr(precompute, key) for key in GENERATION_KEYS}
+    """The :data:`GENERATION_KEYS` (and :data:`OPTIONAL_GENERATION_KEYS`) values of a
+    ``precompute`` config section."""
+    keys = GENERATION_KEYS + OPTIONAL_GENERATION_KEYS
+    return {key: getattr(precompute, key) for key in keys if hasattr(precompute, key)}
+
+
+def _teacher_type_matches(header: CacheHeader, identity: TeacherIdentity) -> bool:
+    """The cache's teacher type is the one the config builds: the SAM-HQ variant for a SAM type
+    and a SAM-HQ checkpoint (the spec's ``vit_h`` + ``sam_hq_vit_h.pth``). Without the
+    checkpoint file the configured backbone's SAM-HQ variant is accepted too (the file is what
+    would tell SAM from SAM-HQ), with one log line."""
+    ckpt = identity.checkpoint
+    if ckpt is not None and Path(ckpt).is_file():
+        return header.teacher_type == built_teacher_type(identity.teacher_type, ckpt)
+    if header.teacher_type == identity.teacher_type:
+        return True
+    if header.teacher_type == HQ_VARIANTS.get(identity.teacher_type):
+        log.info(
+            "%s: the cache was made by %s, the SAM-HQ variant of %s = %s (no checkpoint file to "
+            "tell them apart)",
+            identity.where,
+            header.teacher_type,
+            identity.type_key,
+            identity.teacher_type,
+        )
+        return True
+    return False
 
 
 def _same(have: Any, want: Any) -> bool:
@@ -294,7 +325,7 @@ def check_cache_identity(path: str, identity: TeacherIdentity) -> CacheHeader:
     header = open_teacher_cache(path, where=identity.where).header
     prefix = f"{identity.where} {path}: the cache was made with"
     fix = "precompute a cache with this config (maskteacher precompute) or fix the config"
-    if header.teacher_type != identity.teacher_type:
+    if not _teacher_type_matches(header, identity):
         raise UserError(
             f"{prefix} teacher_type {header.teacher_type!r}, but the config has "
             f"{identity.type_key} = {identity.teacher_type!r}; {fix}"
@@ -305,6 +336,8 @@ def check_cache_identity(path: str, identity: TeacherIdentity) -> CacheHeader:
             f"{identity.image_size}; {fix}"
         )
     for key, want in identity.generation.items():
+        if key in OPTIONAL_GENERATION_KEYS and key not in header.params:
+            continue
         if key not in header.params:
             raise UserError(
                 f"{identity.where} {path}: the cache records no generation parameter {key!r} "

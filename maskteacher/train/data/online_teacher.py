@@ -42,9 +42,14 @@ def build_online_teacher(
     config_keys: tuple[str, str] = ("mask_teacher.teacher_type", "mask_teacher.strict"),
 ) -> torch.nn.Module:
     """The teacher in eval mode on ``device`` with every parameter frozen (config_keys: the keys
-    a checkpoint error names)."""
+    a checkpoint error names); a SAM-HQ checkpoint for a SAM type builds the SAM-HQ teacher."""
     model = build_sam(
-        model_type, checkpoint, image_size=image_size, strict=strict, config_keys=config_keys
+        model_type,
+        checkpoint,
+        image_size=image_size,
+        strict=strict,
+        config_keys=config_keys,
+        detect_hq=True,
     )
     model.requires_grad_(False)
     return model.to(device).eval()
