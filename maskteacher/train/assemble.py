@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from maskteacher.cache_format import CacheError, dataset_fingerprint
-from maskteacher.data import open_dataset
+from maskteacher.data import FINGERPRINT_MISMATCH_HINT, open_dataset
 from maskteacher.data.dataset import SegmentationDataset
 from maskteacher.errors import UserError
 from maskteacher.train import distributed as dist_utils
@@ -173,8 +173,7 @@ def _cache_teacher(plan: RunPlan, teacher: KDTeacherSpec, fields: frozenset[str]
         if have != want:
             raise UserError(
                 f"{identity.where} {path}: dataset fingerprint of split 'train' is {have} in the "
-                f"cache but {want} for {train.path} (the cache was made for other data, or the "
-                "data changed since)"
+                f"cache but {want} for {train.path}: {FINGERPRINT_MISMATCH_HINT}"
             )
     reader = cache_data.CacheTeacherReader(
         cache_data.open_teacher_cache(path, where=identity.where),

@@ -213,6 +213,39 @@ def test_disabled_mask_teacher_reads_the_dataset_when_the_cache_is_unusable(
     assert train(with_cache).losses == train(base).losses
 
 
+# ----------------------------------------------------------------------------- stale cache
+
+
+def test_a_cache_made_before_an_annotation_was_edited_is_never_trained_on(tmp_path, caplog):
+    """The cache holds the old ground truth: after a mask file changes, a run that needs the
+    cache's teacher outputs is refused naming why; a GT-only run reads the edited dataset."""
+    import logging
+
+    import numpy as np
+    from PIL import Image
+    from train_helpers import make_data
+
+    data = {"train": make_data(tmp_path / "train", images=2, seed=4)}
+    cache = write_cache(tmp_path / "cache", data, teacher=True)
+    mask = sorted((data["train"] / "mask").rglob("*.png"))[0]
+    pixels = np.asarray(Image.open(mask)).copy()
+    pixels[: pixels.shape[0] // 2] = 0  # the object shrinks; the file keeps its size on disk
+    Image.fromarray(pixels).save(mask)
+    needs, _ = tiny_config(
+        tmp_path, data, train={"prompt_source": "teacher"}, mask_teacher={"cache_path": str(cache)}
+    )
+    with pytest.raises(UserError, match="dataset changed since the cache was made"):
+        train(needs)
+    gt_only, _ = tiny_config(tmp_path, data, name="b.yaml", mask_teacher={"cache_path": str(cache)})
+    reference, _ = tiny_config(
+        tmp_path, data, name="c.yaml", model={"save_path": str(tmp_path / "c")}
+    )
+    with caplog.at_level(logging.WARNING):
+        losses = train(gt_only).losses
+    assert "reading it from the dataset" in caplog.text
+    assert losses == train(reference).losses
+
+
 # ----------------------------------------------------------------------------- logs
 
 

@@ -42,6 +42,7 @@ from maskteacher.cache_format import (
     open_cache,
 )
 from maskteacher.cache_format.verify import verify_cache
+from maskteacher.data import FINGERPRINT_MISMATCH_HINT
 from maskteacher.data.dataset import Sample, SegmentationDataset
 from maskteacher.errors import UserError
 from maskteacher.models import HQ_VARIANTS, sha256_file
@@ -197,8 +198,7 @@ def _check_header(
     if have != want:
         raise UserError(
             f"mask_teacher.cache_path {path}: dataset fingerprint of split {split!r} is {have} in "
-            f"the cache but {want} for {images.root} (the cache was made for other data, or the "
-            "data changed since)"
+            f"the cache but {want} for {images.root}: {FINGERPRINT_MISMATCH_HINT}"
         )
 
 
