@@ -337,6 +337,12 @@ def load_state_dict_checked(
             f"{report.problems()} "
             f"(strict loading; set {strict_key}: false to load only the matching tensors)"
         )
+    if not to_load and own:
+        raise UserError(
+            f"checkpoint {source} matches none of the {len(own)} tensors of model "
+            f"{model_type or '(unknown type)'} ({report.problems()}); {strict_key}: false loads "
+            f"only matching tensors, and there are none -- is it a checkpoint for {type_key}?"
+        )
     model.load_state_dict(to_load, strict=False)
     if report.exact:
         log.info(report.summary())

@@ -378,3 +378,17 @@ def test_sha256_file_streams_the_file(tmp_path):
     assert sha256_file(path) == hashlib.sha256(data).hexdigest()
     with pytest.raises(UserError, match="file not found"):
         sha256_file(tmp_path / "nope.bin")
+
+
+def test_non_strict_loading_that_matches_nothing_is_an_error(tmp_path):
+    """``strict: false`` loads what matches; a file matching no tensor at all (another kind of
+    model, renamed keys) would leave the model random while the run goes on: refused."""
+    renamed = {
+        f"backbone.{k}": v for k, v in build_sam("vit_b_tiny", image_size=64).state_dict().items()
+    }
+    path = tmp_path / "renamed.pth"
+    torch.save(renamed, path)
+    with pytest.raises(UserError) as info:
+        build_sam("vit_b_tiny", path, image_size=64, strict=False)
+    text = _one_line(info)
+    assert "matches none of the" in text and "model.strict: false" in text
