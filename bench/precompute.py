@@ -25,8 +25,16 @@ SAM-H run (which also encodes the duplicates that NMS removes later), so the rat
 conservative. Agreement: share of the reference's masks that have one of ours at IoU >= 0.9
 in the original frame, and vice versa.
 
+SAM-HQ teachers (``--model vit_b_tiny_hq``, ``vit_h_hq``, ...) are compared with
+segment-anything-hq's own SamAutomaticMaskGenerator (its default ``hq_token_only=False``); the
+HQ token's mask head and the HQ feature path's transposed convolutions get the same treatment.
+``--vs-sam`` then also times our generator with the SAM type of the same backbone, calibrated
+the same way, and prints the cost ratio SAM-HQ / SAM at the same image size (interleaved runs,
+best of two each).
+
     python bench/precompute.py                  # CPU, tiny teacher (vit_b_tiny, 256), ~2 min
     python bench/precompute.py --device cuda --model vit_h --image-size 1024   # GPU, < 5 min
+    python bench/precompute.py --model vit_b_tiny_hq --vs-sam   # CPU, SAM-HQ vs its reference
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ from segment_anything import SamAutomaticMaskGenerator
 
 from maskteacher.cache_format import Codec, StoreFlags
 from maskteacher.data import generate_sample, to_model_input
-from maskteacher.models import build_sam
+from maskteacher.models import HQ_VARIANTS, build_sam, is_hq_model
 from maskteacher.models.everything import generate_everything, lowres_to_masks
 from maskteacher.precompute import (
     GenerationParams,
@@ -64,18 +72,45 @@ def sync(device: torch.device) -> None:
 
 
 def scale_mask_logits(model: torch.nn.Module, factor: float) -> None:
+    decoder = model.mask_decoder
+    mlps = list(decoder.output_hypernetworks_mlps)
+    if is_hq_model(model):
+        mlps.append(decoder.hf_mlp)
     with torch.no_grad():
-        for mlp in model.mask_decoder.output_hypernetworks_mlps:
+        for mlp in mlps:
             mlp.layers[-1].weight.mul_(factor)
             mlp.layers[-1].bias.mul_(factor)
 
 
-def build_teacher(args, device: torch.device, probe: np.ndarray) -> tuple[torch.nn.Module, float]:
+def upscaling_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder's 2x2 transposed convolutions (SAM-HQ: those of the HQ features too)."""
+    decoder = model.mask_decoder
+    parts = [decoder.output_upscaling]
+    if is_hq_model(model):
+        parts += [decoder.embedding_encoder, decoder.compress_vit_feat]
+    return [m for part in parts for m in part if isinstance(m, torch.nn.ConvTranspose2d)]
+
+
+def reference_generator(model: torch.nn.Module, **kwargs):
+    """segment-anything's SamAutomaticMaskGenerator, or segment-anything-hq's for SAM-HQ."""
+    if not is_hq_model(model):
+        return SamAutomaticMaskGenerator(model, **kwargs)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # timm's deprecation warnings
+        from segment_anything_hq import SamAutomaticMaskGenerator as HQMaskGenerator
+    return HQMaskGenerator(model, **kwargs)
+
+
+def build_teacher(
+    args, device: torch.device, probe: np.ndarray, model_type: str | None = None
+) -> tuple[torch.nn.Module, float]:
     """Random-weight teacher with SAM-like output ranges: the mask head scaled to logit std
     ``args.logit_std``, the IoU head's bias shifted so that predicted IoUs centre on 0.5 (random
     weights centre them on 0, where a positive pred_iou_thresh would keep nothing)."""
     torch.manual_seed(args.seed)
-    model = build_sam(args.model, image_size=args.image_size).to(device).eval()
+    model = build_sam(model_type or args.model, image_size=args.image_size).to(device).eval()
     model.requires_grad_(False)
     x, hw = to_model_input(probe, args.image_size)
 
@@ -95,10 +130,7 @@ def build_teacher(args, device: torch.device, probe: np.ndarray) -> tuple[torch.
         # random 2x2 transposed-conv kernels put a checkerboard into every mask (trained SAM
         # kernels do not): use each kernel's mean over its taps
         with torch.no_grad():
-            for layer in (
-                model.mask_decoder.output_upscaling[0],
-                model.mask_decoder.output_upscaling[3],
-            ):
+            for layer in upscaling_layers(model):
                 layer.weight.copy_(
                     layer.weight.mean(dim=(2, 3), keepdim=True).expand_as(layer.weight)
                 )
@@ -173,9 +205,7 @@ def calibrate(model, images, args, device) -> Thresholds:
 
 
 def run_reference(model, images, kwargs) -> tuple[float, list[torch.Tensor]]:
-    generator = SamAutomaticMaskGenerator(
-        model, crop_n_layers=0, output_mode="binary_mask", **kwargs
-    )
+    generator = reference_generator(model, crop_n_layers=0, output_mode="binary_mask", **kwargs)
     device = model.pixel_mean.device
     generator.generate(images[0])  # warm-up
     sync(device)
@@ -262,6 +292,24 @@ def agreement(ref: list[torch.Tensor], ours: list, image_size: int, device) -> t
     return found_ref / max(total_ref, 1), found_ours / max(total_ours, 1)
 
 
+def hq_over_sam(args, images, device, hq_model, hq_kwargs) -> tuple[float, float, float, str]:
+    """Our generator with the SAM type of ``args.model``'s backbone, calibrated alike, timed
+    interleaved with the SAM-HQ teacher (best of two each): (HQ s, SAM s, SAM masks, SAM type)."""
+    sam_type = next((sam for sam, hq in HQ_VARIANTS.items() if hq == args.model), None)
+    if sam_type is None:
+        raise SystemExit(f"--vs-sam needs a SAM-HQ --model, got {args.model}")
+    sam_model, _ = build_teacher(args, device, images[0], sam_type)
+    th = calibrate(sam_model, images, args, device)
+    names = ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh")
+    sam_kwargs = {**hq_kwargs, **{k: getattr(th, k) for k in names}}
+    hq_s, sam_s = [], []
+    for _ in range(2):
+        seconds, sam_out = run_ours(sam_model, images, sam_kwargs, args, bf16=False)
+        sam_s.append(seconds)
+        hq_s.append(run_ours(hq_model, images, hq_kwargs, args, bf16=False)[0])
+    return min(hq_s), min(sam_s), sum(len(o) for o, _ in sam_out), sam_type
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -290,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="torch CPU threads (default 1 on CPU: on shared cores, OpenMP barriers with 2 "
         "threads slow down up to 10x whenever other processes take a core)",
+    )
+    p.add_argument(
+        "--vs-sam",
+        action="store_true",
+        help="with a SAM-HQ --model: also time its SAM type and print the cost ratio",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="also print the figures as JSON")
@@ -338,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((label, pipe_s, pipe_masks))
         ratios["pipeline"] = ref_s / pipe_s
     ref_found, ours_found = agreement(ref_masks, ours_out, args.image_size, device)
+    vs_sam = hq_over_sam(args, images, device, model, kwargs) if args.vs_sam else None
 
     n = len(images)
     threads = torch.get_num_threads()
@@ -368,6 +422,14 @@ def main(argv: list[str] | None = None) -> int:
         f"agreement (IoU >= 0.9, original frame): {ref_found:.1%} of reference masks found in "
         f"ours, {ours_found:.1%} of ours found in the reference"
     )
+    if vs_sam is not None:
+        hq_s, sam_s, sam_masks, sam_type = vs_sam
+        ratios["hq_over_sam"] = hq_s / sam_s
+        print(
+            f"SAM-HQ / SAM cost of our generator at image_size {args.image_size}: "
+            f"{args.model} {1000 * hq_s / n:.0f} ms/image vs {sam_type} {1000 * sam_s / n:.0f} "
+            f"ms/image ({sam_masks / n:.1f} masks/image): **{hq_s / sam_s:.2f}x**"
+        )
     print(f"bench wall time {time.perf_counter() - t0:.0f} s")
     if args.json:
         print(

@@ -72,14 +72,15 @@ from maskteacher.cache_format import Codec
 from maskteacher.cache_format.codecs import encode_logits
 from maskteacher.data import point_grid
 from maskteacher.models import build_sam
-from maskteacher.train.batch import Batch, PromptSet, TeacherTargets, TrainSample, collate
-from maskteacher.train.criterion import MaskCriterion, weighted_total
-from maskteacher.train.forward import Predictions, StudentForward, run_forward
-from maskteacher.train.mask_teacher import DualSupervision
-from maskteacher.train.matcher import MatchSettings
+from maskteacher.train.data.batch import Batch, PromptSet, TeacherTargets, TrainSample, collate
+from maskteacher.train.data.online_teacher import MASK_FIELDS, OnlineTeacher
 from maskteacher.train.schedule import EpochSettings, build_optimizer
-from maskteacher.train.supervision import GTSupervision, StepContext
-from maskteacher.train.teacher_source import MASK_FIELDS, OnlineTeacher
+from maskteacher.train.student import Predictions, StudentForward, run_forward
+from maskteacher.train.supervision.base import StepContext
+from maskteacher.train.supervision.criterion import MaskCriterion, weighted_total
+from maskteacher.train.supervision.gt import GTSupervision
+from maskteacher.train.supervision.mask_teacher import DualSupervision
+from maskteacher.train.supervision.matcher import MatchSettings
 
 LOSS_WEIGHTS = {"bce": 1.0, "focal": 15.0, "dice": 1.0, "iou": 1.0, "cls": 1.0}
 

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,11 +26,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from maskteacher.config_files import parse_config_text, read_config_file, read_config_text
 from maskteacher.errors import UserError
 
 log = logging.getLogger(__name__)
-
-CONFIG_SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".json": "json"}
 
 
 def _f(
@@ -376,14 +376,15 @@ class MaskTeacherConfig:
     )
     teacher_type: str = _f(
         "vit_h",
-        "Teacher backbone: vit_h (SAM-H), vit_l, vit_b, vit_t (MobileSAM) or a tiny test variant.",
+        "Teacher backbone: vit_h (SAM-H), vit_l, vit_b, vit_t (MobileSAM), their SAM-HQ variants (vit_h_hq, ...) or a tiny test variant; a SAM-HQ checkpoint on a SAM type builds its SAM-HQ variant.",
     )
     checkpoint_path: str | None = _f(
         None,
         "Teacher weights (needed to run the teacher online or to precompute); when the file exists, its sha256 must match the cache's.",
     )
     strict: bool = _f(
-        True, "Require every teacher checkpoint key to match (false: e.g. SAM-HQ files on vit_h)."
+        True,
+        "Require every teacher checkpoint key to match; false loads what matches and reports the rest.",
     )
     iou_threshold: float = _f(
         0.3,
@@ -463,6 +464,10 @@ class PrecomputeConfig:
     )
     multimask_output: bool = _f(
         True, "Decode 3 candidate masks per grid point, as SamAutomaticMaskGenerator does."
+    )
+    hq_token_only: bool = _f(
+        False,
+        "SAM-HQ teachers: true keeps only the HQ token's mask; false adds it to SAM's best mask, as segment-anything-hq's SamAutomaticMaskGenerator does. Ignored by SAM models.",
     )
     store: StoreConfig = _f(factory=StoreConfig, help="What goes into the cache.")
     backend: Literal["zarr", "hdf5"] = _f("zarr", "Cache shard format.")
@@ -544,30 +549,6 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return config_from_dict(data, source=str(path))
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    kind = CONFIG_SUFFIXES.get(path.suffix.lower())
-    if kind is None:
-        raise UserError(
-            f"{path}: config files must end in .yaml, .yml or .json (got '{path.suffix or 'no suffix'}')"
-        )
-    if not path.is_file():
-        raise UserError(f"{path}: config file not found")
-    text = path.read_text()
-    try:
-        data = json.loads(text) if kind == "json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise UserError(f"{path}: not valid {kind.upper()}: {first}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise UserError(
-            f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"
-        )
-    return data
-
-
 def apply_override(data: dict[str, Any], item: str) -> None:
     """Apply one ``a.b.c=value`` override to raw config data in place (list items: ``teachers.0.weight``)."""
     if "=" not in item:
@@ -615,6 +596,7 @@ def config_from_dict(data: dict[str, Any], *, source: str = "config") -> Config:
     """Build and validate a Config from raw (file) data."""
     cfg = _build(Config, data, "")
     _validate_cross_fields(cfg)
+    _check_model_types(cfg)
     _warn_unused(cfg)
     return cfg
 
@@ -665,6 +647,12 @@ def _convert(tp: Any, value: Any, key_path: str) -> Any:
             return None
         errors = []
         members = [a for a in args if a is not type(None)]
+        if len(members) == 1:  # `X | None`: X's own error is the precise one
+            try:
+                return _convert(members[0], value, key_path)
+            except UserError as exc:
+                own = str(exc).startswith(f"{key_path}: ") and type(None) in args
+                raise UserError(f"{exc} (or null)" if own else str(exc)) from None
         # bool first so that `resume: true` stays a bool rather than the string "True"
         members.sort(key=lambda a: a is not bool)
         for member in members:
@@ -701,14 +689,7 @@ def _convert(tp: Any, value: Any, key_path: str) -> Any:
             return int(value)
         raise UserError(f"{key_path}: got {_show(value)}; expected an integer")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise UserError(f"{key_path}: got {_show(value)}; expected a number")
+        return _finite_float(value, key_path)
     if tp is str:
         if isinstance(value, str):
             return value
@@ -716,6 +697,33 @@ def _convert(tp: Any, value: Any, key_path: str) -> Any:
     if tp is Any:
         return value
     raise TypeError(f"config field {key_path} has an unsupported type {tp!r}")  # programming error
+
+
+def _finite_float(value: Any, key_path: str) -> float:
+    """A finite float from a number (or a YAML 1.1 string such as ``1e-4``); inf / nan are
+    config errors: they pass every range check and then train on garbage."""
+    number = _as_float(value)
+    if number is None:
+        raise UserError(f"{key_path}: got {_show(value)}; expected a number")
+    if not math.isfinite(number):
+        raise UserError(f"{key_path}: got {_show(value)}; expected a finite number")
+    return number
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond the float range
+            return math.inf
+    if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _check_range(f: dataclasses.Field, value: Any, key_path: str) -> None:
@@ -790,6 +798,29 @@ def _validate_cross_fields(cfg: Config) -> None:
         raise UserError(f"teachers: names must be unique; repeated: {', '.join(dupes)}")
 
 
+def check_model_type(name: str, key_path: str) -> str:
+    """``name`` when it is a :data:`maskteacher.models.MODEL_TYPES` registry name; UserError
+    naming the key, the value and the registry's names otherwise."""
+    from maskteacher.models import MODEL_TYPES  # lazy: the registry imports torch
+
+    if name in MODEL_TYPES:
+        return name
+    close = difflib.get_close_matches(name, MODEL_TYPES, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise UserError(
+        f"{key_path}: got {name!r}; allowed: a model registry name ({', '.join(MODEL_TYPES)}){hint}"
+    )
+
+
+def _check_model_types(cfg: Config) -> None:
+    """The student, mask-teacher and feature-teacher types are registry names."""
+    check_model_type(cfg.model.type, "model.type")
+    check_model_type(cfg.mask_teacher.teacher_type, "mask_teacher.teacher_type")
+    for i, entry in enumerate(cfg.teachers):
+        if entry.type is not None:
+            check_model_type(entry.type, f"teachers[{i}].type")
+
+
 def _warn_unused(cfg: Config) -> None:
     """One warning listing origin keys that are accepted but not implemented, when set."""
     used = []
@@ -843,10 +874,10 @@ def resolve_teacher_type(entry: TeacherEntry) -> str:
             raise UserError(
                 f"teachers '{entry.name}': cfg file {path} not found and no 'type' given"
             )
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_config_text(read_config_text(path), "yaml", path) or {}
         model_type = (data.get("model") or {}).get("type") if isinstance(data, dict) else None
         if isinstance(model_type, str):
-            return model_type
+            return check_model_type(model_type, f"teachers '{entry.name}': model.type in {path}")
         raise UserError(
             f"teachers '{entry.name}': {path} has no model.type; set teachers[].type (e.g. vit_h)"
         )

@@ -27,7 +27,8 @@ from maskteacher.cache_format.errors import CacheError
 from maskteacher.cache_format.schema import CacheHeader
 
 #: Generation parameters a cache must match (``params.<key>``; precompute config keys).
-#: ``maskteacher.models.everything.GenerationParams.header_params`` writes exactly these.
+#: ``maskteacher.models.everything.GenerationParams.header_params`` writes exactly these
+#: (``hq_token_only`` only for SAM-HQ teachers).
 GENERATION_KEYS = (
     "points_per_side",
     "pred_iou_thresh",
@@ -39,7 +40,11 @@ GENERATION_KEYS = (
     "bf16",
     "mask_threshold",
     "generator",
+    "hq_token_only",
 )
+#: Listed keys a header records only where they change the output (``hq_token_only``: SAM-HQ
+#: teachers); absent on both sides they agree, and callers may leave them out.
+OPTIONAL_GENERATION_KEYS = ("hq_token_only",)
 
 #: What the cache content depends on (see the module docstring), in the order they are checked.
 CONTENT_FIELDS = (
@@ -131,7 +136,7 @@ def header_mismatch(
 def expectation_mismatch(
     header: CacheHeader,
     *,
-    teacher_type: str,
+    teacher_type: str | None,
     image_size: int,
     params: dict[str, Any],
     codec_name: str,
@@ -142,12 +147,13 @@ def expectation_mismatch(
     """For a reader (the trainer): the first of :data:`CONTENT_FIELDS` where the cache differs
     from what the caller's settings would have produced, or None.
 
-    ``params`` must hold every key of :data:`GENERATION_KEYS` (``GenerationParams.header_params()``
-    gives them; a missing key is a programming error, ValueError). ``checkpoint_sha256`` None:
-    not checked (training from a cache needs no teacher weights). ``fingerprints``: only the
-    listed splits are compared.
+    ``params`` must hold every key of :data:`GENERATION_KEYS` but the optional ones
+    (``GenerationParams.header_params(hq=...)`` gives them; a missing key is a programming
+    error, ValueError). ``teacher_type`` None: not checked here (a caller with its own rule, e.g.
+    for SAM-HQ variants, checks it). ``checkpoint_sha256`` None: not checked (training from a
+    cache needs no teacher weights). ``fingerprints``: only the listed splits are compared.
     """
-    missing = [k for k in GENERATION_KEYS if k not in params]
+    missing = [k for k in GENERATION_KEYS if k not in params and k not in OPTIONAL_GENERATION_KEYS]
     if missing:
         raise ValueError(f"expectation_mismatch: params lacks {', '.join(missing)}")
     want: dict[str, Any] = {
@@ -157,10 +163,10 @@ def expectation_mismatch(
         "codec.name": codec_name,
         "codec.clip": float(codec_clip),
     }
-    want.update({f"params.{k}": params[k] for k in GENERATION_KEYS})
+    want.update({f"params.{k}": params.get(k) for k in GENERATION_KEYS})
     have = identity(header)
     for name in CONTENT_FIELDS:
-        if name == "checkpoint_sha256" and checkpoint_sha256 is None:
+        if want[name] is None and name in ("teacher_type", "checkpoint_sha256"):
             continue
         if not same_value(have[name], want[name]):
             return Mismatch(name, have[name], want[name])

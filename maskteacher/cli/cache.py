@@ -258,17 +258,13 @@ def _source_path(header: Any, rec: Any) -> str:
 
 
 def _load_image(path: str, rec: Any) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from maskteacher.data import read_image  # the readers' decoding: stored grid, 16-bit scaled
 
     if not os.path.isfile(path):
         raise UserError(
             f"cannot find the image for {rec.image_id!r}: {path} does not exist; pass --image FILE"
         )
-    try:
-        with Image.open(path) as im:
-            image = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}") from None
+    image = read_image(path)
     if image.shape[:2] != tuple(rec.orig_hw):
         raise UserError(
             f"image {path} is {image.shape[0]}x{image.shape[1]} (HxW) but the cache recorded "

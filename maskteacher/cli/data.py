@@ -63,8 +63,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats = sub.add_parser(
         "stats",
         help="count images and objects, list image sizes and bad items",
-        description="Summarise a dataset: images, objects per image, image sizes and every bad "
-        "item found. Exit code 1 when bad items exist (0 with --skip-bad), 2 when unreadable.",
+        description="Summarise a dataset: images, objects per image, image sizes, masks that "
+        "decode empty, mask files read with an inferred foreground rule, images with an EXIF "
+        "orientation tag, and every bad item found (bad annotations counted apart). Exit code "
+        "1 when bad items exist (0 with --skip-bad), 2 when unreadable.",
     )
     stats.add_argument("root", help="dataset folder, or COCO instances JSON")
     stats.add_argument("--format", choices=dataset_formats(), default=None, help="default: detect")
@@ -74,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats.add_argument(
         "--full",
         action="store_true",
-        help="also decode every image and mask (slow; finds damage header checks miss)",
+        help="also decode every image (slow; finds damage header checks miss)",
     )
     stats.add_argument("--json", action="store_true", help="print a JSON object instead of text")
     stats.set_defaults(func=_stats)

@@ -4,6 +4,8 @@ A leaf package: imports nothing from maskteacher except ``errors``.
 """
 
 from maskteacher.data.dataset import Sample, SegmentationDataset
+from maskteacher.data.fingerprint import FINGERPRINT_MISMATCH_HINT, FINGERPRINT_VERSION
+from maskteacher.data.images import read_image
 from maskteacher.data.readers import DATASET_FORMATS, detect_format, open_dataset
 from maskteacher.data.sample import generate_sample, make_sample, sample_image_id
 from maskteacher.data.stats import DatasetStats, dataset_stats
@@ -22,6 +24,8 @@ from maskteacher.data.transforms import (
 
 __all__ = [
     "DATASET_FORMATS",
+    "FINGERPRINT_MISMATCH_HINT",
+    "FINGERPRINT_VERSION",
     "DatasetStats",
     "Sample",
     "SegmentationDataset",
@@ -38,6 +42,7 @@ __all__ = [
     "masks_to_lowres",
     "open_dataset",
     "point_grid",
+    "read_image",
     "resize_image",
     "sample_image_id",
     "to_model_input",

@@ -1,21 +1,18 @@
-"""Shared file helpers for the dataset readers: image headers, image/mask decoding, RLE decoding,
-bad-item bookkeeping. Every failure becomes a :class:`~maskteacher.errors.UserError` whose one
-line names the file and what was expected.
+"""Shared helpers for the dataset readers: bad-item bookkeeping, file listing, annotation JSON
+reading (parsed and digested in one read), progress bars. Every failure becomes a
+:class:`~maskteacher.errors.UserError` whose one line names the file and what was expected.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
-import numpy as np
-import pycocotools.mask as mask_utils
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from maskteacher.errors import UserError
@@ -23,46 +20,44 @@ from maskteacher.errors import UserError
 log = logging.getLogger("maskteacher.data")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-# What PIL raises on unreadable, truncated or malformed files (PNG ``verify`` raises SyntaxError).
-_PIL_ERRORS = (
-    UnidentifiedImageError,
-    OSError,
-    SyntaxError,
-    ValueError,
-    Image.DecompressionBombError,
-)
 # Show a progress bar when an open-time scan or a stats pass covers at least this many items.
 PROGRESS_MIN_ITEMS = 200
 # How many skipped items are logged one by one before the rest is only counted.
 _MAX_LOGGED_BAD = 10
-
-_PYCOCOTOOLS_NUMPY2_WARNING = "__array__ implementation doesn't accept a copy keyword"
+# Size of the content digests (blake2b) of annotation files and image samples.
+DIGEST_BYTES = 16
 
 T = TypeVar("T")
+BadKind = Literal["image", "annotation"]
 
 
 class BadItem(Exception):
     """One item of a dataset is unusable; ``item`` names the file (or id), ``reason`` says why.
 
+    ``kind`` is the file at fault: ``image`` (missing, unreadable or ambiguous image file) or
+    ``annotation`` (missing, unparsable, corrupt or mis-sized annotation / mask file).
     Internal to the readers: with ``skip_bad`` it is recorded, otherwise it becomes a UserError.
     """
 
-    def __init__(self, item: str | Path, reason: str) -> None:
+    def __init__(self, item: str | Path, reason: str, *, kind: BadKind = "annotation") -> None:
         super().__init__(f"{item}: {reason}")
         self.item = str(item)
         self.reason = reason
+        self.kind = kind
 
 
 class BadItemLog:
     """Collects bad items while a reader scans a dataset (the ``skip_bad`` policy).
 
     ``handle(bad)`` raises a UserError unless ``skip_bad``; with it, the item is logged as a
-    warning (the first few one by one) and appended to ``items``.
+    warning (the first few one by one) and appended to ``items`` ((item, reason) pairs) and
+    ``kinds`` (its :class:`BadItem` kind, same order).
     """
 
     def __init__(self, *, skip_bad: bool) -> None:
         self.skip_bad = skip_bad
         self.items: list[tuple[str, str]] = []
+        self.kinds: list[BadKind] = []
 
     def handle(self, bad: BadItem) -> None:
         if not self.skip_bad:
@@ -70,6 +65,7 @@ class BadItemLog:
                 f"{bad.item}: {bad.reason} (pass skip_bad / --skip-bad to skip such items)"
             )
         self.items.append((bad.item, bad.reason))
+        self.kinds.append(bad.kind)
         if len(self.items) <= _MAX_LOGGED_BAD:
             log.warning("skipping bad item %s: %s", bad.item, bad.reason)
 
@@ -104,131 +100,27 @@ def natural_key(name: str) -> tuple[Any, ...]:
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
-def image_header(path: Path) -> tuple[int, int]:
-    """(H, W) of an image file from its header, without decoding pixels.
+def digest(data: bytes) -> bytes:
+    """The content digest used for dataset fingerprints (blake2b, DIGEST_BYTES bytes)."""
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
 
-    Raises BadItem when the file is missing or is not an image PIL can read.
-    """
+
+def read_file(path: Path, what: str) -> bytes:
+    """All bytes of an annotation file; BadItem (kind ``annotation``) when it cannot be read."""
     try:
-        with Image.open(path) as im:
-            width, height = im.size
+        return path.read_bytes()
     except FileNotFoundError:
-        raise BadItem(path, "image file not found") from None
-    except _PIL_ERRORS as exc:
-        raise BadItem(path, f"not a readable image ({exc})") from None
-    return height, width
+        raise BadItem(path, f"{what} not found") from None
+    except OSError as exc:
+        raise BadItem(path, f"cannot read {what} ({exc})") from None
 
 
-def check_mask_file(path: Path, hw: tuple[int, int]) -> None:
-    """Header + integrity check of a mask PNG without decompressing it.
-
-    ``Image.verify`` walks the PNG chunks and their CRCs, so a truncated or bit-flipped file is
-    found here at open time. Raises BadItem on an unreadable file or a size other than ``hw``.
-    """
+def read_json(path: Path) -> tuple[Any, bytes]:
+    """(parsed JSON, digest of the file's bytes) from one read; BadItem names the parse error."""
+    raw = read_file(path, "annotation file")
     try:
-        with Image.open(path) as im:
-            width, height = im.size
-            im.verify()
-    except _PIL_ERRORS as exc:
-        raise BadItem(path, f"not a readable mask image ({exc})") from None
-    if (height, width) != hw:
-        raise BadItem(
-            path, f"mask is {height}x{width} (HxW) but its image is {hw[0]}x{hw[1]}; expected equal"
-        )
-
-
-def load_rgb(path: Path) -> np.ndarray:
-    """Decode an image file to (H, W, 3) uint8 RGB.
-
-    Grey, grey+alpha, RGBA, palette, CMYK etc. are converted to RGB (alpha is dropped). EXIF
-    orientation is deliberately NOT applied: masks are stored on the file's pixel grid, so the
-    image must stay on it too.
-    """
-    try:
-        with Image.open(path) as im:
-            rgb = im.convert("RGB")
-    except FileNotFoundError:
-        raise UserError(f"{path}: image file not found") from None
-    except _PIL_ERRORS as exc:
-        raise UserError(
-            f"{path}: cannot decode image ({exc}); expected a readable JPEG/PNG"
-        ) from None
-    return np.asarray(rgb, dtype=np.uint8)
-
-
-def load_binary_mask(path: Path, hw: tuple[int, int]) -> np.ndarray:
-    """Decode one mask PNG to (H, W) bool: foreground = grey value > 127."""
-    try:
-        with Image.open(path) as im:
-            grey = np.asarray(im.convert("L"))
-    except _PIL_ERRORS as exc:
-        raise UserError(f"{path}: cannot decode mask ({exc}); expected a readable PNG") from None
-    if grey.shape != hw:
-        raise UserError(
-            f"{path}: mask is {grey.shape[0]}x{grey.shape[1]} (HxW) but its image is "
-            f"{hw[0]}x{hw[1]}; expected equal"
-        )
-    return grey > 127
-
-
-def read_json(path: Path) -> Any:
-    """Parse a JSON file; BadItem names the file and the parse error."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise BadItem(path, "annotation file not found") from None
+        return json.loads(raw), digest(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadItem(path, f"annotation JSON does not parse ({exc})") from None
-    except OSError as exc:
-        raise BadItem(path, f"cannot read annotation file ({exc})") from None
-
-
-def check_rle(segmentation: Any, hw: tuple[int, int], *, where: str) -> None:
-    """Validate a COCO RLE object (compressed or uncompressed) against the image size.
-
-    Raises BadItem(where, ...) when it is not ``{"size": [h, w], "counts": str | list}`` or its
-    size differs from ``hw``.
-    """
-    if (
-        not isinstance(segmentation, dict)
-        or "size" not in segmentation
-        or "counts" not in segmentation
-    ):
-        raise BadItem(where, 'segmentation is not an RLE object {"size": [h, w], "counts": ...}')
-    size = segmentation["size"]
-    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size)):
-        raise BadItem(where, f"RLE size {size!r} is not [height, width]")
-    if tuple(size) != tuple(hw):
-        raise BadItem(
-            where,
-            f"RLE size is {size[0]}x{size[1]} (HxW) but the image is {hw[0]}x{hw[1]}; expected equal",
-        )
-    if not isinstance(segmentation["counts"], str | list):
-        raise BadItem(where, "RLE counts is neither a string nor a list of run lengths")
-
-
-def decode_rles(rles: Sequence[dict[str, Any]], hw: tuple[int, int]) -> np.ndarray:
-    """Decode compressed COCO RLEs (``counts`` str or bytes) to (M, H, W) bool via pycocotools.
-
-    The result is a zero-copy view of pycocotools' column-major output, so it is NOT C-contiguous
-    (its C-contiguous twin is ``.transpose(0, 2, 1)``, shape (M, W, H)). Re-laying it out would
-    double the decode time; ``masks_to_lowres`` takes either layout at full speed, and
-    ``np.ascontiguousarray`` gives C order where a consumer needs it.
-    """
-    if not rles:
-        return np.zeros((0, *hw), dtype=bool)
-    with warnings.catch_warnings():
-        # pycocotools <= 2.0.11 trips numpy 2's __array__(copy=...) deprecation on every decode
-        warnings.filterwarnings("ignore", _PYCOCOTOOLS_NUMPY2_WARNING, DeprecationWarning)
-        stacked = mask_utils.decode(list(rles))  # (H, W, M) uint8, Fortran order
-    return stacked.view(np.bool_).transpose(2, 0, 1)
-
-
-def compress_rle(segmentation: dict[str, Any]) -> dict[str, Any]:
-    """An RLE object in the compressed form pycocotools decodes: uncompressed ``counts`` lists
-    (as in COCO crowd annotations) are converted with ``frPyObjects``; strings pass through."""
-    if isinstance(segmentation["counts"], list):
-        h, w = segmentation["size"]
-        return mask_utils.frPyObjects(segmentation, h, w)
-    return segmentation
+    except RecursionError:
+        raise BadItem(path, "annotation JSON is nested too deeply to parse") from None

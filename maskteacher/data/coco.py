@@ -3,8 +3,10 @@
 ``PATH`` is the JSON file, or a folder holding exactly one ``annotations/instances*.json``.
 Each annotation's ``segmentation`` may be polygons (``[[x1, y1, x2, y2, ...], ...]``), an
 uncompressed RLE (``{"size": [h, w], "counts": [int, ...]}``) or a compressed RLE (``counts``
-string); all are decoded with pycocotools (``frPyObjects`` / ``merge`` / ``decode``, the same steps
-as ``COCO.annToMask``). Annotations with ``iscrowd: 1`` are skipped unless ``include_crowd``.
+string); all are validated at open time (:mod:`maskteacher.data.segmentation`: RLE run lengths,
+finite and bounded polygon coordinates) and decoded with pycocotools (``frPyObjects`` /
+``merge`` / ``decode``, the same steps as ``COCO.annToMask``). Annotations with ``iscrowd: 1``
+are skipped unless ``include_crowd``.
 
 Image ids are ``str(image["id"])``, ordered by numeric id (by string when ids are not all
 integers). Masks of an image are its annotations in file order.
@@ -24,24 +26,16 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
-from numbers import Real
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pycocotools.mask as mask_utils
 
-from maskteacher.data._io import (
-    BadItem,
-    BadItemLog,
-    check_rle,
-    compress_rle,
-    decode_rles,
-    image_header,
-    progress,
-    read_json,
-)
+from maskteacher.data._io import BadItem, BadItemLog, progress, read_json
 from maskteacher.data.dataset import BaseDataset, Item
+from maskteacher.data.fingerprint import combine
+from maskteacher.data.images import image_header, size_mismatch
+from maskteacher.data.segmentation import check_segmentations, decode_rles, rle_areas, to_rle
 from maskteacher.errors import UserError
 
 # How many leading images are probed when choosing the image folder.
@@ -93,42 +87,20 @@ def _choose_image_dir(json_path: Path, file_names: list[str], image_root: Path |
     )
 
 
-def _check_polygons(segmentation: list[Any], *, where: str) -> None:
-    if not segmentation:
-        raise BadItem(where, "segmentation is an empty polygon list")
-    for polygon in segmentation:
-        if not isinstance(polygon, list) or not all(isinstance(v, Real) for v in polygon):
-            raise BadItem(
-                where, "segmentation is not a list of polygons [[x1, y1, x2, y2, ...], ...]"
-            )
-        if len(polygon) < 6 or len(polygon) % 2:
-            raise BadItem(
-                where, f"polygon has {len(polygon)} coordinates; expected an even number >= 6"
-            )
-
-
-def _check_segmentation(segmentation: Any, hw: tuple[int, int], *, where: str) -> None:
-    if isinstance(segmentation, list):
-        _check_polygons(segmentation, where=where)
-    else:
-        check_rle(segmentation, hw, where=where)
-
-
-def _to_rle(segmentation: Any, hw: tuple[int, int]) -> dict[str, Any]:
-    """Compressed RLE of one checked segmentation (polygons are rasterised and merged)."""
-    if isinstance(segmentation, list):
-        return mask_utils.merge(mask_utils.frPyObjects(segmentation, *hw))
-    return compress_rle(segmentation)
-
-
 def _load_masks(segmentations: tuple[Any, ...], hw: tuple[int, int]) -> np.ndarray:
     """(M, H, W) bool from checked COCO segmentations."""
-    return decode_rles([_to_rle(s, hw) for s in segmentations], hw)
+    return decode_rles([to_rle(s, hw) for s in segmentations], hw)
 
 
-def _parse(json_path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _summary(segmentations: tuple[Any, ...], hw: tuple[int, int]) -> tuple[np.ndarray, int]:
+    """(M,) foreground areas of checked segmentations (RLE areas; no dense decoding)."""
+    return rle_areas([to_rle(s, hw) for s in segmentations]), 0
+
+
+def _parse(json_path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bytes]:
+    """(images, annotations, digest of the file's bytes) of a COCO instances JSON."""
     try:
-        data = read_json(json_path)
+        data, json_digest = read_json(json_path)
     except BadItem as exc:
         raise UserError(f"{exc.item}: {exc.reason}") from None
     if not isinstance(data, dict):
@@ -138,7 +110,7 @@ def _parse(json_path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
     for key in ("images", "annotations"):
         if not isinstance(data.get(key), list):
             raise UserError(f'{json_path}: no "{key}" list; expected a COCO instances JSON')
-    return data["images"], data["annotations"]
+    return data["images"], data["annotations"], json_digest
 
 
 def _sorted_images(
@@ -183,7 +155,9 @@ class CocoDataset(BaseDataset):
         include_crowd: bool = False,
     ) -> CocoDataset:
         json_path = find_annotation_json(path)
-        images, annotations = _parse(json_path)
+        images, annotations, json_digest = _parse(json_path)
+        # every image's key covers the whole file and the crowd option (module docstring)
+        annotation_digest = combine([("instances", json_digest), ("crowd", bytes([include_crowd]))])
         bad = BadItemLog(skip_bad=skip_bad)
         ordered = _sorted_images(json_path, images, bad)
         image_dir = _choose_image_dir(
@@ -218,6 +192,7 @@ class CocoDataset(BaseDataset):
                         entry,
                         image_dir / entry["file_name"],
                         per_image[image_id],
+                        annotation_digest,
                     )
                 )
             except BadItem as exc:
@@ -231,24 +206,23 @@ def _scan_item(
     entry: dict[str, Any],
     image_path: Path,
     annotations: list[tuple[Any, Any]],
+    annotation_digest: bytes,
 ) -> Item:
-    hw = image_header(image_path)
+    hw, orientation = image_header(image_path)
     if "height" in entry and "width" in entry and (entry["height"], entry["width"]) != hw:
-        raise BadItem(
-            image_path,
-            f"image file is {hw[0]}x{hw[1]} (HxW) but {json_path.name} says "
-            f"{entry['height']}x{entry['width']} for image id {image_id}; expected equal",
-        )
-    for ann_id, segmentation in annotations:
-        _check_segmentation(
-            segmentation, hw, where=f"{json_path} (annotation {ann_id}, image {image_id})"
-        )
+        said = (entry["height"], entry["width"])
+        what = f"{json_path.name} image id {image_id}"
+        raise BadItem(image_path, size_mismatch(what, said, hw, orientation))
     segmentations = tuple(s for _, s in annotations)
+    wheres = [f"{json_path} (annotation {ann_id}, image {image_id})" for ann_id, _ in annotations]
+    check_segmentations(segmentations, hw, wheres, orientation=orientation)
     return Item(
         image_id=image_id,
         image_path=image_path,
-        file_size=image_path.stat().st_size,
         hw=hw,
         num_masks=len(segmentations),
         mask_loader=functools.partial(_load_masks, segmentations, hw),
+        summary_loader=functools.partial(_summary, segmentations, hw),
+        annotation_digest=annotation_digest,
+        orientation=orientation,
     )

@@ -15,6 +15,10 @@ Pixel data is decoded only on access: the image in ``dataset[i]``, masks on firs
 ``sample.masks``. Damage that only decoding can find (e.g. a truncated JPEG whose header is
 intact) raises UserError naming the file at that point, also under ``skip_bad``;
 ``maskteacher data stats ROOT --full`` decodes everything and lists such files.
+
+Images are decoded on their stored pixel grid (EXIF orientation is not applied; see
+:mod:`maskteacher.data.images`); a dataset with orientation-tagged images logs one warning when
+opened. ``fingerprint_entries`` is computed on first use (:mod:`maskteacher.data.fingerprint`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from maskteacher.data._io import BadItemLog, load_rgb
+from maskteacher.data._io import BadItemLog, BadKind, progress
+from maskteacher.data.fingerprint import content_key, image_digest
+from maskteacher.data.images import read_image, warn_oriented
 from maskteacher.errors import UserError
 
 
@@ -37,7 +43,7 @@ class Sample:
     Fields:
         image_id: stable id (file stem for folder/sa1b, ``str(image id)`` for coco).
         image: (H, W, 3) uint8 RGB, original frame, on the file's stored pixel grid (EXIF
-            orientation is not applied, so masks line up).
+            orientation is not applied: annotations refer to that grid, as in COCO).
         num_masks: number of object masks, known without decoding them.
         masks (property): (M, H, W) bool, original frame, M == num_masks (may be 0); decoded on
             first access and cached. RLE formats (sa1b, coco) return pycocotools' column-major
@@ -90,6 +96,7 @@ class SegmentationDataset(Protocol):
     format: str
     image_ids: list[str]
     bad_items: list[tuple[str, str]]
+    bad_item_kinds: list[str]
 
     def __len__(self) -> int: ...
 
@@ -101,6 +108,10 @@ class SegmentationDataset(Protocol):
 
     def mask_count(self, index: int) -> int: ...
 
+    def orientation(self, index: int) -> int: ...
+
+    def mask_summary(self, index: int) -> tuple[np.ndarray, int]: ...
+
     def fingerprint_entries(self) -> list[tuple[str, int]]: ...
 
 
@@ -108,15 +119,20 @@ class SegmentationDataset(Protocol):
 class Item:
     """What a reader knows about one image after the open-time scan.
 
-    ``mask_loader`` decodes the (M, H, W) bool masks; it must be picklable.
+    ``mask_loader`` decodes the (M, H, W) bool masks; ``summary_loader`` returns ((M,) int64
+    foreground pixel counts, number of masks read with an inferred rule) without keeping the
+    masks; both must be picklable. ``orientation`` is the image's EXIF tag (1 = none);
+    ``annotation_digest`` the digest of its annotations for the fingerprint.
     """
 
     image_id: str
     image_path: Path
-    file_size: int
     hw: tuple[int, int]
     num_masks: int
     mask_loader: Callable[[], np.ndarray]
+    summary_loader: Callable[[], tuple[np.ndarray, int]]
+    annotation_digest: bytes
+    orientation: int = 1
 
 
 class BaseDataset:
@@ -129,7 +145,11 @@ class BaseDataset:
         self._items = items
         self.image_ids = [item.image_id for item in items]
         self.bad_items = bad.items
+        self.bad_item_kinds: list[BadKind] = bad.kinds
+        self._fingerprint: list[tuple[str, int]] | None = None
         bad.summarise(root)
+        oriented = [(it.image_path, it.orientation) for it in items if it.orientation != 1]
+        warn_oriented(root, oriented, len(items))
 
     def __len__(self) -> int:
         return len(self._items)
@@ -141,7 +161,7 @@ class BaseDataset:
 
     def __getitem__(self, index: int) -> Sample:
         item = self._item(index)
-        image = load_rgb(item.image_path)
+        image = read_image(item.image_path)
         if image.shape[:2] != item.hw:  # header and pixels disagree: a broken file
             raise UserError(
                 f"{item.image_path}: decoded image is {image.shape[0]}x{image.shape[1]} but its "
@@ -160,9 +180,31 @@ class BaseDataset:
         """Number of object masks of image ``index`` (no decoding)."""
         return self._item(index).num_masks
 
+    def orientation(self, index: int) -> int:
+        """EXIF orientation tag of image ``index`` (1 when absent); never applied."""
+        return self._item(index).orientation
+
+    def mask_summary(self, index: int) -> tuple[np.ndarray, int]:
+        """((M,) int64 foreground pixels per mask, masks read with an inferred rule) of image
+        ``index``, without keeping the decoded masks. UserError when a mask does not decode."""
+        return self._item(index).summary_loader()
+
     def fingerprint_entries(self) -> list[tuple[str, int]]:
-        """(image_id, image file size in bytes) per image, in ``image_ids`` order."""
-        return [(item.image_id, item.file_size) for item in self._items]
+        """(image_id, content key) per image, in ``image_ids`` order; computed once, on first
+        use (it reads a few blocks of every image: :mod:`maskteacher.data.fingerprint`)."""
+        if self._fingerprint is None:
+            entries = []
+            for item in progress(self._items, total=len(self._items), desc="fingerprinting"):
+                try:
+                    sampled = image_digest(item.image_path)
+                except OSError as exc:
+                    raise UserError(
+                        f"{item.image_path}: cannot read the image for the dataset fingerprint "
+                        f"({exc})"
+                    ) from None
+                entries.append((item.image_id, content_key(sampled, item.annotation_digest)))
+            self._fingerprint = entries
+        return list(self._fingerprint)
 
     def __repr__(self) -> str:
         return (

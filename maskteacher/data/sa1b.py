@@ -7,9 +7,10 @@
                                         "point_coords", "crop_box"}, ...]}
 
 Image ids are the file stems, sorted as strings; hidden files (names starting with '.') are
-ignored. Masks are the annotations in file order, decoded
-with pycocotools. The open-time scan parses every JSON once (to count masks and check RLE sizes);
-masks are decoded from a fresh parse on access, so nothing large stays in memory.
+ignored. Masks are the annotations in file order, decoded with pycocotools. The open-time scan
+parses every JSON once, counting masks and validating every RLE (size, run lengths: see
+:mod:`maskteacher.data.segmentation`); masks are decoded from a fresh parse on access, so
+nothing large stays in memory.
 """
 
 from __future__ import annotations
@@ -24,42 +25,41 @@ from maskteacher.data._io import (
     IMAGE_SUFFIXES,
     BadItem,
     BadItemLog,
-    check_rle,
-    compress_rle,
-    decode_rles,
-    image_header,
     progress,
     read_json,
     visible_files,
 )
 from maskteacher.data.dataset import BaseDataset, Item
+from maskteacher.data.images import image_header, size_mismatch
+from maskteacher.data.segmentation import check_rles, decode_rles, rle_areas, to_rle
 from maskteacher.errors import UserError
 
 
-def _annotations(data: Any, json_path: Path, hw: tuple[int, int]) -> list[dict[str, Any]]:
-    """The checked ``annotations`` list of one SA-1B JSON document."""
+def _annotations(
+    data: Any, json_path: Path, hw: tuple[int, int], orientation: int = 1
+) -> list[dict[str, Any]]:
+    """The checked ``annotations`` list of one SA-1B JSON document (every RLE validated)."""
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise BadItem(json_path, 'expected an object with an "annotations" list (SA-1B layout)')
     info = data.get("image")
     has_size = isinstance(info, dict) and "height" in info and "width" in info
     if has_size and (info["height"], info["width"]) != hw:
-        raise BadItem(
-            json_path,
-            f'"image" says {info["height"]}x{info["width"]} (HxW) but the image file is '
-            f"{hw[0]}x{hw[1]}; expected equal",
-        )
+        said = (info["height"], info["width"])
+        raise BadItem(json_path, size_mismatch('"image"', said, hw, orientation))
     annotations = data["annotations"]
+    segmentations, wheres = [], []
     for k, ann in enumerate(annotations):
         ann_id = ann.get("id", k) if isinstance(ann, dict) else k
-        segmentation = ann.get("segmentation") if isinstance(ann, dict) else None
-        check_rle(segmentation, hw, where=f"{json_path} (annotation {ann_id})")
+        segmentations.append(ann.get("segmentation") if isinstance(ann, dict) else None)
+        wheres.append(f"{json_path} (annotation {ann_id})")
+    check_rles(segmentations, hw, wheres, orientation=orientation)
     return annotations
 
 
-def _load_masks(json_path: Path, hw: tuple[int, int], num_masks: int) -> np.ndarray:
-    """(M, H, W) bool decoded from the annotation file's RLEs."""
+def _rles(json_path: Path, hw: tuple[int, int], num_masks: int) -> list[dict[str, Any]]:
+    """The compressed RLEs of the annotation file, re-read and re-checked on access."""
     try:
-        annotations = _annotations(read_json(json_path), json_path, hw)
+        annotations = _annotations(read_json(json_path)[0], json_path, hw)
     except BadItem as exc:
         raise UserError(f"{exc.item}: {exc.reason}") from None
     if len(annotations) != num_masks:
@@ -67,19 +67,32 @@ def _load_masks(json_path: Path, hw: tuple[int, int], num_masks: int) -> np.ndar
             f"{json_path}: has {len(annotations)} annotations now but {num_masks} when the "
             "dataset was opened; expected the file not to change"
         )
-    return decode_rles([compress_rle(ann["segmentation"]) for ann in annotations], hw)
+    return [to_rle(ann["segmentation"], hw) for ann in annotations]
+
+
+def _load_masks(json_path: Path, hw: tuple[int, int], num_masks: int) -> np.ndarray:
+    """(M, H, W) bool decoded from the annotation file's RLEs."""
+    return decode_rles(_rles(json_path, hw, num_masks), hw)
+
+
+def _summary(json_path: Path, hw: tuple[int, int], num_masks: int) -> tuple[np.ndarray, int]:
+    """(M,) foreground areas from the RLEs (no decoding); RLEs never need an inferred rule."""
+    return rle_areas(_rles(json_path, hw, num_masks)), 0
 
 
 def _scan_item(image_id: str, image_path: Path, json_path: Path) -> Item:
-    hw = image_header(image_path)
-    num_masks = len(_annotations(read_json(json_path), json_path, hw))
+    hw, orientation = image_header(image_path)
+    data, annotation_digest = read_json(json_path)
+    num_masks = len(_annotations(data, json_path, hw, orientation))
     return Item(
         image_id=image_id,
         image_path=image_path,
-        file_size=image_path.stat().st_size,
         hw=hw,
         num_masks=num_masks,
         mask_loader=functools.partial(_load_masks, json_path, hw, num_masks),
+        summary_loader=functools.partial(_summary, json_path, hw, num_masks),
+        annotation_digest=annotation_digest,
+        orientation=orientation,
     )
 
 
@@ -102,7 +115,11 @@ class SA1BDataset(BaseDataset):
             jsons[path.stem] = path
         bad = BadItemLog(skip_bad=skip_bad)
         for stem in sorted(set(jsons) - set(images)):
-            bad.handle(BadItem(jsons[stem], "annotation file without an image of the same stem"))
+            bad.handle(
+                BadItem(
+                    jsons[stem], "annotation file without an image of the same stem", kind="image"
+                )
+            )
         items: list[Item] = []
         stems = sorted(images)
         for stem in progress(stems, total=len(stems), desc=f"checking {root.name}"):
@@ -111,7 +128,9 @@ class SA1BDataset(BaseDataset):
                 if len(paths) > 1:
                     names = ", ".join(p.name for p in paths)
                     raise BadItem(
-                        root / stem, f"several images share the stem ({names}); expected one"
+                        root / stem,
+                        f"several images share the stem ({names}); expected one",
+                        kind="image",
                     )
                 if stem not in jsons:
                     raise BadItem(paths[0], f"no annotation file {stem}.json beside the image")

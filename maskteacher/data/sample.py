@@ -34,7 +34,7 @@ import pycocotools.mask as mask_utils
 from PIL import Image
 from scipy import ndimage
 
-from maskteacher.data._io import decode_rles
+from maskteacher.data.segmentation import decode_rles
 from maskteacher.errors import UserError
 
 MIN_VISIBLE_AREA = 12

@@ -1,9 +1,12 @@
 """``maskteacher data stats``: what a user checks first about a dataset.
 
 The dataset is opened with ``skip_bad=True`` so every bad item is collected instead of stopping
-at the first. By default only the open-time checks run (headers, mask PNG integrity, JSON and RLE
-structure; see :mod:`maskteacher.data.dataset`); ``full=True`` also decodes every image and
-mask, which finds damage only decoding reveals (a truncated JPEG body, say) at the cost of time.
+at the first. The open-time checks run (headers, mask PNG integrity, JSON structure, RLE run
+lengths and polygon coordinates; see :mod:`maskteacher.data.dataset`), then every image's masks
+are measured (``mask_summary``: RLE areas without decoding, mask PNGs decoded) to count masks
+that decode **empty** and mask PNGs read with an **inferred** foreground rule
+(:mod:`maskteacher.data.masks`). ``full=True`` also decodes every image, which finds damage only
+decoding reveals (a truncated JPEG body, say) at the cost of time.
 """
 
 from __future__ import annotations
@@ -46,20 +49,37 @@ class SizeStats:
 
 @dataclass
 class DatasetStats:
+    """What ``data stats`` reports (README "Checking a dataset" documents the JSON keys).
+
+    ``empty_masks``: masks with no foreground pixel; ``inferred_rule_masks``: mask PNGs not in
+    the ``> 127`` convention (read with an inferred rule); ``exif_oriented_images``: usable
+    images whose EXIF orientation tag is not 1 (never applied); ``bad`` holds (item, reason,
+    kind) with kind ``image`` or ``annotation``; ``bad_annotations`` counts the latter.
+    """
+
     root: str
     format: str
     images: int
     empty_images: int
     masks: MaskCounts
     sizes: SizeStats
-    bad: list[tuple[str, str]] = field(default_factory=list)
+    empty_masks: int = 0
+    inferred_rule_masks: int = 0
+    exif_oriented_images: int = 0
+    bad: list[tuple[str, str, str]] = field(default_factory=list)
     full: bool = False
 
+    @property
+    def bad_annotations(self) -> int:
+        return sum(1 for *_, kind in self.bad if kind == "annotation")
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict: keys images, masks {total, min, median, max}, bad [{item, reason}],
+        """JSON-ready dict: keys images, masks {total, min, median, max}, empty_masks,
+        inferred_rule_masks, exif_oriented_images, bad_annotations, bad [{item, reason, kind}],
         plus root, format, empty_images, sizes, full."""
         out = asdict(self)
-        out["bad"] = [{"item": item, "reason": reason} for item, reason in self.bad]
+        out["bad"] = [{"item": i, "reason": r, "kind": k} for i, r, k in self.bad]
+        out["bad_annotations"] = self.bad_annotations
         distinct = self.sizes.distinct
         out["sizes"]["distinct"] = (
             None if distinct is None else [{"h": h, "w": w, "count": n} for h, w, n in distinct]
@@ -83,9 +103,19 @@ class DatasetStats:
                 out.append(f"image sizes (HxW, count): {listed}")
             else:
                 out.append(f"image sizes: H {s.min_h}..{s.max_h}, W {s.min_w}..{s.max_w}")
-        checked = "decoded every image and mask" if self.full else "header/annotation checks"
-        out.append(f"bad items: {len(self.bad)} ({checked})")
-        out.extend(f"  {item}: {reason}" for item, reason in self.bad)
+        out.append(
+            f"masks that decode empty: {self.empty_masks}; mask files read with an inferred "
+            f"foreground rule (not > 127): {self.inferred_rule_masks}"
+        )
+        out.append(
+            f"images with an EXIF orientation tag (ignored: annotations refer to the stored "
+            f"pixels): {self.exif_oriented_images}"
+        )
+        checked = "decoded every image and mask" if self.full else "headers, annotations, masks"
+        out.append(
+            f"bad items: {len(self.bad)}, {self.bad_annotations} of them annotations ({checked})"
+        )
+        out.extend(f"  {item}: {reason}" for item, reason, _ in self.bad)
         return out
 
 
@@ -108,6 +138,34 @@ def _mask_counts(counts: list[int]) -> MaskCounts:
     return MaskCounts(sum(counts), min(counts), float(np.median(counts)), max(counts))
 
 
+@dataclass
+class _Tally:
+    counts: list[int] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    empty_masks: int = 0
+    inferred: int = 0
+    oriented: int = 0
+
+
+def _measure(dataset: Any, index: int, full: bool, tally: _Tally) -> tuple[str, str, str] | None:
+    """Add image ``index`` to the tally, or return it as a bad item (item, reason, kind)."""
+    if full:
+        try:
+            _ = dataset[index]
+        except UserError as exc:
+            return str(dataset.image_path(index)), str(exc), "image"
+    try:
+        areas, inferred = dataset.mask_summary(index)
+    except UserError as exc:
+        return str(dataset.image_path(index)), str(exc), "annotation"
+    tally.counts.append(dataset.mask_count(index))
+    tally.sizes.append(dataset.image_hw(index))
+    tally.empty_masks += int(np.count_nonzero(areas == 0))
+    tally.inferred += inferred
+    tally.oriented += dataset.orientation(index) != 1
+    return None
+
+
 def dataset_stats(
     path: str | Path,
     *,
@@ -116,30 +174,27 @@ def dataset_stats(
     image_root: str | Path | None = None,
     include_crowd: bool = False,
 ) -> DatasetStats:
-    """Open the dataset (collecting bad items), optionally decode everything, and summarise."""
+    """Open the dataset (collecting bad items), measure every image's masks, optionally decode
+    every image, and summarise."""
     dataset = open_dataset(
         path, format, skip_bad=True, image_root=image_root, include_crowd=include_crowd
     )
-    bad = list(dataset.bad_items)
-    counts: list[int] = []
-    sizes: list[tuple[int, int]] = []
+    bad = [(i, r, k) for (i, r), k in zip(dataset.bad_items, dataset.bad_item_kinds, strict=True)]
+    tally = _Tally()
     for index in progress(range(len(dataset)), total=len(dataset), desc="scanning"):
-        if full:
-            try:
-                sample = dataset[index]
-                _ = sample.masks
-            except UserError as exc:
-                bad.append((str(dataset.image_path(index)), str(exc)))
-                continue
-        counts.append(dataset.mask_count(index))
-        sizes.append(dataset.image_hw(index))
+        failed = _measure(dataset, index, full, tally)
+        if failed is not None:
+            bad.append(failed)
     return DatasetStats(
         root=str(dataset.root),
         format=dataset.format,
-        images=len(counts),
-        empty_images=sum(1 for c in counts if c == 0),
-        masks=_mask_counts(counts),
-        sizes=_size_stats(sizes),
+        images=len(tally.counts),
+        empty_images=sum(1 for c in tally.counts if c == 0),
+        masks=_mask_counts(tally.counts),
+        sizes=_size_stats(tally.sizes),
+        empty_masks=tally.empty_masks,
+        inferred_rule_masks=tally.inferred,
+        exif_oriented_images=tally.oriented,
         bad=bad,
         full=full,
     )

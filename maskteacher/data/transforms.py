@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.utils.amg import build_point_grid
 from segment_anything.utils.transforms import ResizeLongestSide
+from torchvision.transforms.functional import resize, to_pil_image
 
 # Roughly the most bytes of intermediates masks_to_lowres holds at once (one chunk of masks).
 _LOWRES_CHUNK_BYTES = 256 * 2**20
@@ -45,9 +46,15 @@ _HALF = 0.5 - 1e-6
 def input_size(orig_hw: tuple[int, int], image_size: int) -> tuple[int, int]:
     """(h_in, w_in): the unpadded model-input size, longest side = ``image_size``.
 
-    Same rounding as segment-anything (``ResizeLongestSide.get_preprocess_shape``).
+    Same rounding as segment-anything (``ResizeLongestSide.get_preprocess_shape``), except that
+    no side is rounded down to 0: a degenerate image (say 1 x 400 at image_size 64, whose short
+    side scales to 0.16 px) keeps a 1-pixel side instead of crashing the resize. Its low-res
+    ground truth is then mostly padding (see ``masks_to_lowres``), like any thin strip.
     """
-    return ResizeLongestSide.get_preprocess_shape(int(orig_hw[0]), int(orig_hw[1]), image_size)
+    h_in, w_in = ResizeLongestSide.get_preprocess_shape(
+        int(orig_hw[0]), int(orig_hw[1]), image_size
+    )
+    return max(1, h_in), max(1, w_in)
 
 
 def lowres_size(image_size: int) -> int:
@@ -65,12 +72,15 @@ def lowres_valid_hw(input_hw: tuple[int, int]) -> tuple[int, int]:
 def resize_image(image: np.ndarray, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Resize an (H, W, 3) uint8 RGB image to the unpadded model input frame.
 
-    Returns ((h_in, w_in, 3) uint8, (h_in, w_in)). Uses ``ResizeLongestSide.apply_image``, so the
-    pixels equal SamPredictor's / SamAutomaticMaskGenerator's preprocessing bit for bit.
+    Returns ((h_in, w_in, 3) uint8, (h_in, w_in)). Makes the calls of
+    ``ResizeLongestSide.apply_image`` (torchvision's PIL ``resize``) at :func:`input_size`, so
+    the pixels equal SamPredictor's / SamAutomaticMaskGenerator's preprocessing bit for bit
+    (degenerate sizes aside, which crash there).
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
-    resized = ResizeLongestSide(image_size).apply_image(image)
+    target = input_size(image.shape[:2], image_size)
+    resized = np.array(resize(to_pil_image(image), target))
     return resized, (int(resized.shape[0]), int(resized.shape[1]))
 
 

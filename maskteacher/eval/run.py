@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,57 +25,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from maskteacher.cache_format import CacheReader, logits_to_float, open_cache
 from maskteacher.config import Config
 from maskteacher.data import open_dataset, to_model_input
 from maskteacher.devices import resolve_device
 from maskteacher.errors import UserError
 from maskteacher.eval.metrics import DatasetMetrics, ImageResult, MetricsAccumulator
-from maskteacher.eval.pictures import save_overlay
 from maskteacher.models import build_sam
 from maskteacher.models.everything import (
     GenerationParams,
     generate_everything,
     lowres_to_masks,
 )
+from maskteacher.viz.cached_teacher import open_teacher_cache, teacher_masks_original
+from maskteacher.viz.panels import safe_file_name, save_overlay
 
 log = logging.getLogger(__name__)
-
-
-def open_teacher_cache(cfg: Config, split: str, image_size: int) -> CacheReader | None:
-    """The teacher cache of ``mask_teacher.cache_path`` for ``split``, or None (with a warning)
-    when no cache is configured, it does not exist, or it holds no image of the split."""
-    path = cfg.mask_teacher.cache_path
-    if not path:
-        return None
-    if "://" not in str(path) and not (Path(path) / "manifest.json").is_file():
-        log.warning("teacher cache %s not found: teacher agreement is not computed", path)
-        return None
-    reader = open_cache(path, split=split, expect={"image_size": image_size})
-    if len(reader) == 0:
-        log.warning("teacher cache %s holds no '%s' images: no teacher agreement", path, split)
-        return None
-    return reader
-
-
-def teacher_masks_original(
-    reader: CacheReader, ids: set[str], image_id: str, *, image_size: int, input_hw, orig_hw
-) -> np.ndarray | None:
-    """The cached teacher masks of ``image_id`` as (N, H, W) bool in the original frame; None
-    when the cache (whose ids are ``ids``) does not hold the image."""
-    if image_id not in ids:
-        return None
-    record = reader[image_id]
-    logits = torch.from_numpy(logits_to_float(record.teacher_logits, reader.header.codec))
-    return (
-        lowres_to_masks(logits, image_size=image_size, input_hw=input_hw, orig_hw=orig_hw)
-        .numpy()
-        .astype(bool)
-    )
-
-
-def safe_file_name(image_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", image_id)
 
 
 def evaluate_checkpoint(
@@ -115,7 +78,7 @@ def evaluate_checkpoint(
     ).to(dev)
     model.eval()
     settings = GenerationParams.from_config(cfg.precompute)
-    teacher = open_teacher_cache(cfg, split, image_size)
+    teacher = open_teacher_cache(cfg.mask_teacher.cache_path, split, image_size)
     teacher_ids = set(teacher.image_ids) if teacher is not None else set()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,19 +94,7 @@ def evaluate_checkpoint(
             torch.cuda.synchronize(dev)
         start = time.perf_counter()
         result = generate_everything(
-            model,
-            image[None].to(dev),
-            [input_hw],
-            [orig_hw],
-            points_per_side=settings.points_per_side,
-            points_per_batch=settings.points_per_batch,
-            pred_iou_thresh=settings.pred_iou_thresh,
-            stability_score_thresh=settings.stability_score_thresh,
-            stability_score_offset=settings.stability_score_offset,
-            box_nms_thresh=settings.box_nms_thresh,
-            max_masks_per_image=settings.max_masks_per_image,
-            multimask_output=settings.multimask_output,
-            bf16=settings.bf16,
+            model, image[None].to(dev), [input_hw], [orig_hw], **settings.generator_kwargs()
         )[0]
         masks = lowres_to_masks(
             result.logits, image_size=image_size, input_hw=input_hw, orig_hw=orig_hw

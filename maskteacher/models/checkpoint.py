@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from maskteacher.errors import UserError
-from maskteacher.models.registry import MODEL_BUILDERS
+from maskteacher.models.registry import SAM_BUILDERS
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +185,9 @@ def _indices(keys: Iterable[str], pattern: str) -> set[int]:
 
 @cache
 def registry_signatures() -> dict[str, EncoderSignature | None]:
-    """Encoder signature of every registry entry (built on the meta device: no memory, fast)."""
+    """Encoder signature of every SAM entry (meta device; a SAM-HQ entry has its SAM type's)."""
     out: dict[str, EncoderSignature | None] = {}
-    for name, builder in MODEL_BUILDERS.items():
+    for name, builder in SAM_BUILDERS.items():
         with torch.device("meta"):
             model = builder(1024)
         out[name] = encoder_signature(model.state_dict())
@@ -336,6 +336,12 @@ def load_state_dict_checked(
             f"checkpoint {source} does not match model {model_type or '(unknown type)'}: "
             f"{report.problems()} "
             f"(strict loading; set {strict_key}: false to load only the matching tensors)"
+        )
+    if not to_load and own:
+        raise UserError(
+            f"checkpoint {source} matches none of the {len(own)} tensors of model "
+            f"{model_type or '(unknown type)'} ({report.problems()}); {strict_key}: false loads "
+            f"only matching tensors, and there are none -- is it a checkpoint for {type_key}?"
         )
     model.load_state_dict(to_load, strict=False)
     if report.exact:

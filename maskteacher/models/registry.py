@@ -1,7 +1,7 @@
 """Model registry: small builder functions in a dict, segment-anything ``build_sam.py`` style.
 
-Every entry builds a :class:`RegistrySam` (a ``segment_anything.modeling.Sam``) with randomly
-initialised weights for a given ``image_size`` (the model input frame; a multiple of 16):
+Every entry builds a registry model with randomly initialised weights for a given
+``image_size`` (the model input frame; a multiple of 16):
 
 - ``vit_h`` / ``vit_l`` / ``vit_b``: segment-anything's own ``ImageEncoderViT``, ``PromptEncoder``,
   ``MaskDecoder`` and ``TwoWayTransformer`` with the official hyper-parameters;
@@ -9,7 +9,11 @@ initialised weights for a given ``image_size`` (the model input frame; a multipl
   the same prompt encoder and mask decoder;
 - ``vit_t_tiny`` / ``vit_b_tiny``: test-sized variants of the two encoder families. They also
   narrow the prompt encoder and mask decoder to 64 channels (transformer MLP 128, 2 heads), which
-  makes CPU tests several times faster; the encoders' ``out_chans`` equal that width.
+  makes CPU tests several times faster; the encoders' ``out_chans`` equal that width;
+- ``<name>_hq`` for each of those (:data:`HQ_VARIANTS`): SAM-HQ, the same encoder with
+  segment-anything-hq's ``MaskDecoderHQ`` (:mod:`maskteacher.models.sam_hq`). These are
+  ``segment_anything_hq.modeling.Sam`` models; the others are ``segment_anything.modeling.Sam``
+  (:class:`RegistrySam`). Both carry :class:`RegistryInfo`.
 
 ``image_size`` sets the encoder's ``img_size``, the prompt encoder's ``image_embedding_size``
 (``image_size // 16``) and ``input_image_size``; low-res masks are ``image_size // 4``.
@@ -32,6 +36,7 @@ from segment_anything.modeling import (
 )
 from torch import nn
 
+from maskteacher.errors import UserError
 from maskteacher.models.tiny_vit import TinyViT
 
 PATCH_SIZE = 16  # image -> embedding downsampling of every registry encoder
@@ -39,12 +44,32 @@ PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
 
-class RegistrySam(Sam):
-    """``segment_anything.modeling.Sam`` that also knows its registry name and input size.
+class RegistryInfo:
+    """What a registry model knows about itself (mixed into :class:`RegistrySam` and SAM-HQ's
+    :class:`~maskteacher.models.sam_hq.RegistrySamHQ`).
 
     Attributes: ``model_type`` (registry key), ``image_size`` (model input frame side),
     ``embedding_size`` (``image_size // 16``), ``low_res_size`` (``image_size // 4``).
     """
+
+    model_type: str
+    image_encoder: nn.Module
+
+    @property
+    def image_size(self) -> int:
+        return int(self.image_encoder.img_size)
+
+    @property
+    def embedding_size(self) -> int:
+        return self.image_size // PATCH_SIZE
+
+    @property
+    def low_res_size(self) -> int:
+        return self.image_size // 4
+
+
+class RegistrySam(RegistryInfo, Sam):
+    """``segment_anything.modeling.Sam`` that also knows its registry name and input size."""
 
     def __init__(
         self,
@@ -63,18 +88,6 @@ class RegistrySam(Sam):
         )
         self.model_type = model_type
 
-    @property
-    def image_size(self) -> int:
-        return int(self.image_encoder.img_size)
-
-    @property
-    def embedding_size(self) -> int:
-        return self.image_size // PATCH_SIZE
-
-    @property
-    def low_res_size(self) -> int:
-        return self.image_size // 4
-
 
 @dataclass(frozen=True)
 class DecoderSpec:
@@ -89,6 +102,38 @@ class DecoderSpec:
 
 OFFICIAL_DECODER = DecoderSpec()
 TINY_DECODER = DecoderSpec(dim=64, mlp_dim=128, num_heads=2, iou_hidden_dim=64)
+
+
+@dataclass(frozen=True)
+class ViTSpec:
+    """Shape of a segment-anything ``ImageEncoderViT`` (blocks, width, heads, global blocks)."""
+
+    depth: int
+    width: int
+    heads: int
+    global_attn: tuple[int, ...]
+    window: int = 14
+
+
+VIT_H = ViTSpec(depth=32, width=1280, heads=16, global_attn=(7, 15, 23, 31))
+VIT_L = ViTSpec(depth=24, width=1024, heads=16, global_attn=(5, 11, 17, 23))
+VIT_B = ViTSpec(depth=12, width=768, heads=12, global_attn=(2, 5, 8, 11))
+VIT_B_TINY = ViTSpec(depth=2, width=64, heads=2, global_attn=(1,), window=4)
+
+#: TinyViT keyword arguments: MobileSAM's TinyViT-5M and the test-sized variant.
+TINY_VIT_T = {
+    "embed_dims": (64, 128, 160, 320),
+    "depths": (2, 2, 6, 2),
+    "num_heads": (2, 4, 5, 10),
+    "window_sizes": (7, 7, 14, 7),
+}
+TINY_VIT_TINY = {
+    "embed_dims": (16, 32, 48, 64),
+    "depths": (1, 1, 1, 1),
+    "num_heads": (1, 2, 2, 4),
+    "window_sizes": (7, 7, 7, 7),
+    "classifier_classes": 10,
+}
 
 
 def _assemble(
@@ -119,86 +164,92 @@ def _assemble(
     )
 
 
-def _vit_encoder(
+def vit_encoder(
+    spec: ViTSpec,
     image_size: int,
     *,
-    depth: int,
-    width: int,
-    heads: int,
-    global_attn: tuple[int, ...],
-    window: int = 14,
-    out_chans: int = 256,
-) -> ImageEncoderViT:
-    return ImageEncoderViT(
+    out_chans: int,
+    encoder_class: Callable[..., nn.Module] = ImageEncoderViT,
+) -> nn.Module:
+    """``encoder_class`` (segment-anything's or segment-anything-hq's ``ImageEncoderViT``,
+    which share their arguments and parameter names) with the official ViT settings."""
+    return encoder_class(
         img_size=image_size,
         patch_size=PATCH_SIZE,
-        depth=depth,
-        embed_dim=width,
-        num_heads=heads,
+        depth=spec.depth,
+        embed_dim=spec.width,
+        num_heads=spec.heads,
         mlp_ratio=4,
         norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
         qkv_bias=True,
         use_rel_pos=True,
-        global_attn_indexes=global_attn,
-        window_size=window,
+        global_attn_indexes=spec.global_attn,
+        window_size=spec.window,
         out_chans=out_chans,
     )
 
 
 def build_vit_h(image_size: int) -> RegistrySam:
-    encoder = _vit_encoder(image_size, depth=32, width=1280, heads=16, global_attn=(7, 15, 23, 31))
+    encoder = vit_encoder(VIT_H, image_size, out_chans=OFFICIAL_DECODER.dim)
     return _assemble("vit_h", encoder, OFFICIAL_DECODER, image_size)
 
 
 def build_vit_l(image_size: int) -> RegistrySam:
-    encoder = _vit_encoder(image_size, depth=24, width=1024, heads=16, global_attn=(5, 11, 17, 23))
+    encoder = vit_encoder(VIT_L, image_size, out_chans=OFFICIAL_DECODER.dim)
     return _assemble("vit_l", encoder, OFFICIAL_DECODER, image_size)
 
 
 def build_vit_b(image_size: int) -> RegistrySam:
-    encoder = _vit_encoder(image_size, depth=12, width=768, heads=12, global_attn=(2, 5, 8, 11))
+    encoder = vit_encoder(VIT_B, image_size, out_chans=OFFICIAL_DECODER.dim)
     return _assemble("vit_b", encoder, OFFICIAL_DECODER, image_size)
 
 
 def build_vit_t(image_size: int) -> RegistrySam:
-    encoder = TinyViT(
-        img_size=image_size,
-        embed_dims=(64, 128, 160, 320),
-        depths=(2, 2, 6, 2),
-        num_heads=(2, 4, 5, 10),
-        window_sizes=(7, 7, 14, 7),
-        out_chans=OFFICIAL_DECODER.dim,
-    )
+    encoder = TinyViT(img_size=image_size, out_chans=OFFICIAL_DECODER.dim, **TINY_VIT_T)
     return _assemble("vit_t", encoder, OFFICIAL_DECODER, image_size)
 
 
 def build_vit_t_tiny(image_size: int) -> RegistrySam:
-    encoder = TinyViT(
-        img_size=image_size,
-        embed_dims=(16, 32, 48, 64),
-        depths=(1, 1, 1, 1),
-        num_heads=(1, 2, 2, 4),
-        window_sizes=(7, 7, 7, 7),
-        out_chans=TINY_DECODER.dim,
-        classifier_classes=10,
-    )
+    encoder = TinyViT(img_size=image_size, out_chans=TINY_DECODER.dim, **TINY_VIT_TINY)
     return _assemble("vit_t_tiny", encoder, TINY_DECODER, image_size)
 
 
 def build_vit_b_tiny(image_size: int) -> RegistrySam:
-    encoder = _vit_encoder(
-        image_size,
-        depth=2,
-        width=64,
-        heads=2,
-        global_attn=(1,),
-        window=4,
-        out_chans=TINY_DECODER.dim,
-    )
+    encoder = vit_encoder(VIT_B_TINY, image_size, out_chans=TINY_DECODER.dim)
     return _assemble("vit_b_tiny", encoder, TINY_DECODER, image_size)
 
 
-MODEL_BUILDERS: dict[str, Callable[[int], RegistrySam]] = {
+def _sam_hq(model_type: str) -> Callable[[int], nn.Module]:
+    """Registry entry of a SAM-HQ model: segment-anything-hq (which imports timm, ~2 s) is
+    imported when the first one is built, not when maskteacher is."""
+
+    def build(image_size: int) -> nn.Module:
+        try:
+            from maskteacher.models.sam_hq import HQ_BUILDERS
+        except ImportError as exc:  # a broken install: the package or timm is missing
+            raise UserError(
+                f"model type {model_type} is SAM-HQ, built from the segment-anything-hq package, "
+                f"which could not be imported ({exc}); install it: pip install "
+                "segment-anything-hq timm"
+            ) from exc
+        return HQ_BUILDERS[model_type](image_size)
+
+    build.__name__ = f"build_{model_type}"
+    return build
+
+
+#: The SAM-HQ variant of each SAM entry: the same image encoder, segment-anything-hq's
+#: ``MaskDecoderHQ`` (HQ output token + fusion of an early encoder feature), see ``sam_hq``.
+HQ_VARIANTS: dict[str, str] = {
+    "vit_h": "vit_h_hq",
+    "vit_l": "vit_l_hq",
+    "vit_b": "vit_b_hq",
+    "vit_t": "vit_t_hq",  # segment-anything-hq's light "vit_tiny" HQ-SAM (MobileSAM's encoder)
+    "vit_t_tiny": "vit_t_tiny_hq",
+    "vit_b_tiny": "vit_b_tiny_hq",
+}
+
+SAM_BUILDERS: dict[str, Callable[[int], RegistrySam]] = {
     "vit_h": build_vit_h,
     "vit_l": build_vit_l,
     "vit_b": build_vit_b,
@@ -206,7 +257,13 @@ MODEL_BUILDERS: dict[str, Callable[[int], RegistrySam]] = {
     "vit_t_tiny": build_vit_t_tiny,
     "vit_b_tiny": build_vit_b_tiny,
 }
+MODEL_BUILDERS: dict[str, Callable[[int], nn.Module]] = {
+    **SAM_BUILDERS,
+    **{hq: _sam_hq(hq) for hq in HQ_VARIANTS.values()},
+}
 MODEL_TYPES: tuple[str, ...] = tuple(MODEL_BUILDERS)
+SAM_TYPES: tuple[str, ...] = tuple(SAM_BUILDERS)
+HQ_TYPES: tuple[str, ...] = tuple(HQ_VARIANTS.values())
 
 # Entries whose exported state dict the upstream builders (segment-anything / MobileSAM) accept.
 OFFICIAL_TYPES: tuple[str, ...] = ("vit_h", "vit_l", "vit_b", "vit_t")

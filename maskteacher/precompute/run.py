@@ -42,6 +42,7 @@ from maskteacher.cache_format.locks import writer_lock
 from maskteacher.cache_format.paths import inside
 from maskteacher.data.dataset import SegmentationDataset
 from maskteacher.errors import UserError
+from maskteacher.models.hq import is_hq_type
 from maskteacher.precompute.distributed import WorkerContext, resolve_device
 from maskteacher.precompute.generate import generate
 from maskteacher.precompute.job import PrecomputeJob
@@ -175,11 +176,12 @@ def make_header(
     job: PrecomputeJob, datasets: dict[str, SegmentationDataset], *, identity: str
 ) -> CacheHeader:
     """The cache header of ``job``: what a resumed, parallel or merged run must match."""
+    teacher_type = job.teacher.built_type()  # vit_h_hq for the spec's vit_h + a SAM-HQ file
     return CacheHeader(
-        teacher_type=job.teacher.model_type,
+        teacher_type=teacher_type,
         checkpoint_sha256=identity,
         image_size=job.teacher.image_size,
-        params=job.generation.header_params(),
+        params=job.generation.header_params(hq=is_hq_type(teacher_type)),
         codec=job.codec,
         store=job.store,
         backend=job.backend,

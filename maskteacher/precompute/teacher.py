@@ -8,6 +8,10 @@ and benchmarks only) is built from torch seed :data:`RANDOM_TEACHER_SEED` so tha
 and every resumed run gets the same weights, and is identified as ``"weights:" + sha256`` of its
 state dict (names, dtypes, shapes and bytes in name order), which can never equal a file hash.
 
+A SAM type (``vit_h`` as in the users' spec) with a SAM-HQ checkpoint is built as its SAM-HQ
+variant (``vit_h_hq``, :mod:`maskteacher.models.hq`) and the cache header records that type, so a
+SAM-HQ cache is never taken for a SAM one: :meth:`TeacherSpec.built_type`.
+
 The generation settings (:class:`maskteacher.models.everything.GenerationParams`, beside the
 generator they parameterise) are recorded in the cache header by
 :meth:`~maskteacher.models.everything.GenerationParams.header_params`: the part that changes the
@@ -22,8 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from maskteacher.models import build_sam, sha256_file
-from maskteacher.models.registry import RegistrySam
+from maskteacher.models import build_sam, built_teacher_type, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,11 @@ class TeacherSpec:
     #: config keys of the teacher's type and strict loading, named in error messages
     config_keys: tuple[str, str] = ("mask_teacher.teacher_type", "mask_teacher.strict")
 
+    def built_type(self) -> str:
+        """The registry type the teacher is built as (and the cache header's ``teacher_type``):
+        ``model_type``, or its SAM-HQ variant for a SAM-HQ checkpoint (module docstring)."""
+        return built_teacher_type(self.model_type, self.checkpoint)
+
     def identity(self, model: torch.nn.Module | None = None) -> str:
         """The cache header's ``checkpoint_sha256`` for this teacher (module docstring)."""
         if self.checkpoint is not None:
@@ -51,7 +59,7 @@ class TeacherSpec:
         return "weights:" + state_dict_sha256(model)
 
 
-def build_teacher(spec: TeacherSpec, device: torch.device) -> RegistrySam:
+def build_teacher(spec: TeacherSpec, device: torch.device) -> torch.nn.Module:
     """Build the teacher in eval mode on ``device`` (UserError for a bad type or checkpoint)."""
     if spec.checkpoint is None:
         log.warning(
@@ -69,6 +77,7 @@ def build_teacher(spec: TeacherSpec, device: torch.device) -> RegistrySam:
             image_size=spec.image_size,
             strict=spec.strict,
             config_keys=spec.config_keys,
+            detect_hq=True,
         )
     model.requires_grad_(False)
     return model.to(device).eval()

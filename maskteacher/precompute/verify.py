@@ -27,8 +27,8 @@ from maskteacher.cache_format import Codec, logits_to_float, open_cache
 from maskteacher.data import to_model_input
 from maskteacher.data.dataset import SegmentationDataset
 from maskteacher.errors import UserError
-from maskteacher.models import decode_points
-from maskteacher.models.everything import GenerationParams, autocast, encode_images, model_device
+from maskteacher.models.everything import GenerationParams
+from maskteacher.models.features import autocast, decode_prompts, encode_features, model_device
 
 #: Recomputation tolerance (logit units) on top of the codec bound: float32 / bf16 teacher.
 DEFAULT_TOLERANCE = {False: 0.02, True: 0.5}
@@ -146,7 +146,7 @@ def _check_image(model, dataset, index, rec, header, generation: GenerationParam
     if rec.num_masks == 0:
         return ImageCheck(rec.split, rec.image_id, 0, 0.0, "no cached masks")
     device = model_device(model)
-    embedding = encode_images(model, image[None], torch.tensor([input_hw]), bf16=generation.bf16)
+    features = encode_features(model, image[None], torch.tensor([input_hw]), bf16=generation.bf16)
     points = torch.from_numpy(np.asarray(rec.teacher_points, np.float32)).to(device)
     clip = float(header.codec.clip)
     cached = torch.from_numpy(logits_to_float(rec.teacher_logits, header.codec)).to(device)
@@ -155,8 +155,12 @@ def _check_image(model, dataset, index, rec, header, generation: GenerationParam
     for start in range(0, points.shape[0], generation.points_per_batch):
         chunk = points[start : start + generation.points_per_batch]
         with autocast(device, generation.bf16):
-            out = decode_points(
-                model, embedding, chunk, multimask_output=generation.multimask_output
+            out = decode_prompts(
+                model,
+                features,
+                chunk,
+                multimask_output=generation.multimask_output,
+                hq_token_only=generation.hq_token_only,
             )
         fresh = out.low_res_logits.float().clamp(-clip, clip)  # (p, K, L, L)
         want = cached[start : start + chunk.shape[0], None]  # (p, 1, L, L)

@@ -1,83 +1,240 @@
-"""Builders: the only place the trainer reads the Config (``*_from_config`` functions).
+"""Builders: the one place the trainer reads the Config.
 
-Each builder turns config sections into the plain arguments of one part (matcher settings,
-criterion, strategy, prompts, stages, data loaders); the parts never see the Config.
+:func:`bind` turns a :class:`~maskteacher.config.Config` into a
+:class:`~maskteacher.train.plan.RunPlan` -- every setting as a plain value, and every part that
+needs no file (strategy, distillation blocks, prompt specs, epoch plan, which teacher fields the
+run needs and whether the cache or an online teacher provides them) -- without opening a file;
+a test binds every shipped config. :mod:`maskteacher.train.assemble` then opens what the plan
+names. The parts themselves take keyword arguments and never see the Config.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+import os
+from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader, Sampler
-
-from maskteacher.config import Config
-from maskteacher.data import open_dataset
+from maskteacher.config import Config, DatasetConfig, resolve_teacher_type, teacher_weights
 from maskteacher.errors import UserError
-from maskteacher.train import distributed as dist_utils
-from maskteacher.train.batch import collate
-from maskteacher.train.cache_targets import cache_has_split, open_cache_targets
-from maskteacher.train.criterion import MaskCriterion
-from maskteacher.train.data import (
-    EverythingPromptSpec,
-    ResumableSampler,
-    SinglePromptSpec,
-    TargetSource,
-    TrainDataset,
+from maskteacher.models import HQ_TYPES, SAM_TYPES
+from maskteacher.models.everything import GenerationParams
+from maskteacher.train.data.cache import TeacherIdentity, generation_params
+from maskteacher.train.data.online_teacher import MASK_FIELDS
+from maskteacher.train.data.prompts import EverythingPromptSpec, SinglePromptSpec, SingleSettings
+from maskteacher.train.distill.blocks import BLOCKS
+from maskteacher.train.engine import LoopSettings
+from maskteacher.train.plan import (
+    DataSpec,
+    ImageSource,
+    KDTeacherSpec,
+    OnlineTeacherSpec,
+    RunPlan,
+    RunSettings,
 )
-from maskteacher.train.matcher import MatchSettings
-from maskteacher.train.prompts import SingleSettings
-from maskteacher.train.schedule import EpochSettings, Freeze, Stage, epoch_settings
-from maskteacher.train.supervision import (
-    AuxLoss,
-    BatchHook,
-    SupervisionStrategy,
-    aux_loss_builders,
-    batch_hook_builders,
-    get_supervision,
-    strategy_name,
-)
+from maskteacher.train.schedule import EpochPlan, Freeze, Stage
+from maskteacher.train.supervision import build_strategy, strategy_name
+from maskteacher.train.supervision.base import SupervisionStrategy
+from maskteacher.train.supervision.criterion import MaskCriterion
+from maskteacher.train.supervision.matcher import MatchSettings
+from maskteacher.train.visual import VisualSettings
 
 log = logging.getLogger(__name__)
 
+#: Name of the distillation teacher when there are no ``teachers`` entries (the mask teacher).
+MASK_TEACHER = "mask_teacher"
 
-def match_settings_from_config(cfg: Config) -> MatchSettings:
-    t = cfg.train
-    return MatchSettings(
-        iou_threshold=t.match_iou_threshold,
-        requires_point=t.match_requires_point,
-        cost_dice=t.match_cost_dice,
-        cost_bce=t.match_cost_bce,
-        num_points=t.match_points,
+
+def bind(cfg: Config) -> RunPlan:
+    """The :class:`RunPlan` of ``cfg`` (no file is opened; config-level errors are UserErrors)."""
+    strategy = _strategy(cfg)
+    blocks = _kd_blocks(cfg)
+    teachers = _kd_teachers(cfg) if blocks else []
+    prompts = prompt_spec(cfg)
+    fields = set(strategy.teacher_fields)
+    if cfg.dataset.mode == "everything" and prompts.needs_teacher_points:
+        fields.add("points")
+    if any(t.cache_path is None for t in teachers):
+        fields |= frozenset().union(*(b.fields for b in blocks))
+    online = None
+    if fields and cfg.mask_teacher.cache_path is None:
+        online = _online_teacher(cfg, frozenset(fields), prompts)
+        if prompts.needs_teacher_points:
+            prompts = dataclasses.replace(prompts, defer_teacher_points=True)
+    return RunPlan(
+        settings=run_settings(cfg),
+        epochs=epoch_plan(cfg),
+        strategy=strategy,
+        prompts=prompts,
+        val_prompts=prompt_spec(cfg, validation=True),
+        data=data_spec(
+            cfg, check_identity=bool(strategy.teacher_fields), required=bool(fields) and not online
+        ),
+        teacher_fields=frozenset(fields),
+        online=online,
+        kd_blocks=blocks,
+        kd_teachers=teachers,
+        visual=visual_settings(cfg),
+        config=cfg.to_dict(),
+        config_text=cfg.to_yaml(),
     )
 
 
-def criterion_from_config(cfg: Config) -> MaskCriterion:
-    return MaskCriterion(loss_points=cfg.train.loss_points)
-
-
-def strategy_from_config(cfg: Config) -> SupervisionStrategy:
-    name = strategy_name(
-        mode=cfg.dataset.mode,
-        mask_teacher_enabled=cfg.mask_teacher.enable,
-        method=cfg.mask_teacher.method,
+def _online_teacher(cfg: Config, fields: frozenset[str], prompts) -> OnlineTeacherSpec:
+    mt = cfg.mask_teacher
+    if mt.checkpoint_path is None:
+        raise UserError(
+            f"mask_teacher.cache_path is not set and neither is mask_teacher.checkpoint_path: "
+            f"this config needs teacher outputs ({', '.join(sorted(fields))}); set "
+            "mask_teacher.cache_path to a cache made by maskteacher precompute, or "
+            "mask_teacher.checkpoint_path to run the teacher online"
+        )
+    teacher_prompts = cfg.dataset.mode == "everything" and prompts.needs_teacher_points
+    return OnlineTeacherSpec(
+        teacher_type=mt.teacher_type,
+        checkpoint=mt.checkpoint_path,
+        strict=mt.strict,
+        generation=GenerationParams.from_config(cfg.precompute).generator_kwargs(),
+        provides=MASK_FIELDS | (fields & {"embedding", "tokens"}),
+        prompts=prompts if teacher_prompts else None,
+        logit_clip=cfg.precompute.clip if cfg.precompute.codec == "int8" else None,
     )
-    return get_supervision(name).from_config(
-        cfg, criterion=criterion_from_config(cfg), match=match_settings_from_config(cfg)
+
+
+def _images(d: DatasetConfig, path: str | None, key: str) -> ImageSource | None:
+    if path is None:
+        return None
+    return ImageSource(
+        path=path,
+        key=key,
+        format=d.format,
+        skip_bad=d.skip_bad,
+        image_root=d.image_root,
+        include_crowd=d.include_crowd,
     )
 
 
-def aux_losses_from_config(cfg: Config) -> list[AuxLoss]:
-    return [aux for build in aux_loss_builders() if (aux := build(cfg)) is not None]
+def data_spec(cfg: Config, *, check_identity: bool, required: bool) -> DataSpec:
+    """The data section of the plan; check_identity: the mask-teacher strategy reads the cache,
+    which must then match the ``mask_teacher`` block (with the mask teacher off, teacher prompts
+    or distillation read whatever teacher made the cache); required: the run reads teacher
+    outputs from the cache (see :class:`~maskteacher.train.plan.DataSpec`)."""
+    d, t, mt = cfg.dataset, cfg.train, cfg.mask_teacher
+    identity = None
+    if check_identity and mt.cache_path is not None:
+        identity = TeacherIdentity(
+            where="mask_teacher.cache_path",
+            teacher_type=mt.teacher_type,
+            type_key="mask_teacher.teacher_type",
+            checkpoint=mt.checkpoint_path,
+            checkpoint_key="mask_teacher.checkpoint_path",
+            image_size=cfg.model.image_size,
+            generation=generation_params(cfg.precompute),
+        )
+    return DataSpec(
+        train=_images(d, d.train_dataset, "dataset.train_dataset"),
+        val=_images(d, d.val_dataset, "dataset.val_dataset"),
+        image_size=cfg.model.image_size,
+        batch_size=t.batch_size,
+        num_workers=d.num_workers,
+        hflip=t.hflip,
+        seed=t.seed,
+        cache_path=mt.cache_path,
+        verify_on_open=cfg.cache.verify_on_open,
+        cache_required=required,
+        identity=identity,
+    )
 
 
-def batch_hooks_from_config(cfg: Config, device: torch.device) -> list[BatchHook]:
-    return [hook for build in batch_hook_builders() if (hook := build(cfg, device)) is not None]
+def run_settings(cfg: Config) -> RunSettings:
+    m, t = cfg.model, cfg.train
+    if m.type in HQ_TYPES:  # its encoder returns (embedding, features): not a student
+        raise UserError(
+            f"model.type: {m.type} is a SAM-HQ model, a teacher (mask_teacher.teacher_type) or a "
+            f"model to evaluate, not a student; train one of {', '.join(SAM_TYPES)}"
+        )
+    return RunSettings(
+        model_type=m.type,
+        checkpoint=m.checkpoint_path,
+        strict=m.strict,
+        image_size=m.image_size,
+        multimask_output=m.multimask_output,
+        save_dir=Path(m.save_path),
+        resume=t.resume,
+        epochs=t.epochs,
+        seed=t.seed,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        encoder_lr_scale=t.encoder_lr_scale,
+        warmup_steps=t.warmup_step,
+        min_lr_ratio=t.min_lr_ratio,
+        batch_size=t.batch_size,
+        points_per_batch=t.points_per_batch,
+        checkpoint_decoder=t.checkpoint_decoder,
+        compile=t.compile,
+        log_every=t.log_every,
+        val_freq=t.val_freq,
+        early_stop_patience=t.early_stop_patience,
+        batchnorm_eval=cfg.freeze.batchnorm_eval,
+        loop=LoopSettings(
+            gradient_accumulation=t.gradient_accumulation,
+            grad_clip=t.grad_clip,
+            bf16=t.bf16,
+            checkpoint_every=t.checkpoint_every,
+        ),
+    )
 
 
-def prompt_spec_from_config(cfg: Config, *, validation: bool = False):
+def epoch_plan(cfg: Config) -> EpochPlan:
+    f = cfg.freeze
+    stages = tuple(
+        Stage(
+            name=s.name,
+            start=s.start_epoch,
+            end=cfg.train.epochs if s.end_epoch is None else s.end_epoch,
+            loss_weights=dict(s.loss_weights or {}),
+            distillation=s.distillation,
+            lambda_coef=s.lambda_coef,
+        )
+        for s in cfg.stage_schedule
+    )
+    return EpochPlan(
+        loss_weights=dataclasses.asdict(cfg.train.loss_weights),
+        distillation=cfg.distillation.enable,
+        lambda_coef=cfg.distillation.lambda_coef,
+        stages=stages,
+        freeze=Freeze(
+            image_encoder=f.freeze_image_encoder,
+            prompt_encoder=f.freeze_prompt_encoder,
+            mask_decoder=f.freeze_mask_decoder,
+            unfreeze_epoch=f.unfreeze_epoch,
+        ),
+    )
+
+
+def _strategy(cfg: Config) -> SupervisionStrategy:
+    t, mt = cfg.train, cfg.mask_teacher
+    name = strategy_name(mode=cfg.dataset.mode, mask_teacher_enabled=mt.enable, method=mt.method)
+    return build_strategy(
+        name,
+        criterion=MaskCriterion(loss_points=t.loss_points),
+        match=MatchSettings(
+            iou_threshold=t.match_iou_threshold,
+            requires_point=t.match_requires_point,
+            cost_dice=t.match_cost_dice,
+            cost_bce=t.match_cost_bce,
+            num_points=t.match_points,
+        ),
+        iou_threshold=mt.iou_threshold,
+        gt_override=mt.gt_override,
+        soft_type=mt.soft_loss.type,
+        soft_weight=mt.soft_loss.weight,
+    )
+
+
+def prompt_spec(
+    cfg: Config, *, validation: bool = False
+) -> EverythingPromptSpec | SinglePromptSpec:
     """Training prompts per the config; validation always uses the full grid."""
     d, t = cfg.dataset, cfg.train
     if validation:
@@ -97,191 +254,92 @@ def prompt_spec_from_config(cfg: Config, *, validation: bool = False):
     )
 
 
-def stages_from_config(cfg: Config) -> list[Stage]:
-    return [
-        Stage(
-            name=s.name,
-            start=s.start_epoch,
-            end=cfg.train.epochs if s.end_epoch is None else s.end_epoch,
-            loss_weights=dict(s.loss_weights or {}),
-            distillation=s.distillation,
-            lambda_coef=s.lambda_coef,
+def _kd_blocks(cfg: Config) -> list:
+    """The enabled distillation blocks (:data:`BLOCKS` order); [] when distillation never runs
+    (neither ``distillation.enable`` nor a stage turns it on)."""
+    d = cfg.distillation
+    if not (d.enable or any(s.distillation for s in cfg.stage_schedule)):
+        return []
+    offered = {"iou_threshold": cfg.mask_teacher.iou_threshold}
+    blocks = []
+    for key, cls in BLOCKS.items():
+        section = getattr(d, key)
+        if section.enable:
+            names = [f.name for f in dataclasses.fields(cls)]
+            values = {**dataclasses.asdict(section), **offered}
+            blocks.append(cls(**{n: values[n] for n in names}))
+    if not blocks:
+        log.warning("distillation is enabled but none of its blocks is; it adds nothing")
+        return []
+    if cfg.train.hflip:
+        raise UserError(
+            "train.hflip: true cannot be combined with feature distillation: the teacher's "
+            "cached image embedding and tokens describe the unflipped image; set train.hflip: "
+            "false or turn distillation off"
         )
-        for s in cfg.stage_schedule
-    ]
+    if d.relational_KD.enable and cfg.train.batch_size < 3:
+        log.warning(
+            "distillation.relational_KD needs >= 3 images per micro-batch; with "
+            "train.batch_size %d it is 0",
+            cfg.train.batch_size,
+        )
+    return blocks
 
 
-def freeze_from_config(cfg: Config) -> Freeze:
-    f = cfg.freeze
-    return Freeze(
-        image_encoder=f.freeze_image_encoder,
-        prompt_encoder=f.freeze_prompt_encoder,
-        mask_decoder=f.freeze_mask_decoder,
-        unfreeze_epoch=f.unfreeze_epoch,
-    )
+def _same_path(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
 
 
-def settings_for_epoch(cfg: Config, epoch: int) -> EpochSettings:
-    return epoch_settings(
-        epoch,
-        loss_weights=dataclasses.asdict(cfg.train.loss_weights),
-        distillation=cfg.distillation.enable,
-        lambda_coef=cfg.distillation.lambda_coef,
-        stages=stages_from_config(cfg),
-        freeze=freeze_from_config(cfg),
-    )
-
-
-def open_images(cfg: Config, path: str, what: str):
-    d = cfg.dataset
-    images = open_dataset(
-        path,
-        d.format,
-        skip_bad=d.skip_bad,
-        image_root=d.image_root,
-        include_crowd=d.include_crowd,
-    )
-    if len(images) == 0:
-        raise UserError(f"dataset.{what}: {path} holds no usable images; expected at least one")
-    return images
-
-
-@dataclass
-class CacheBinding:
-    """What the trainer knows about the teacher cache it reads (None fields: no cache)."""
-
-    cache_id: str | None = None
-
-
-def target_source_from_config(
-    cfg: Config, *, split: str, images, teacher_fields: frozenset[str], progress: bool = False
-) -> tuple[TargetSource | None, list[int] | None, CacheBinding]:
-    """Ground truth from the cache when ``mask_teacher.cache_path`` is set, else the reader's.
-
-    Returns (target source or None for the reader's masks, the reader items to use or None for
-    all, the cache binding). A cache without a validation split leaves validation on the reader.
-    """
-    path = cfg.mask_teacher.cache_path
-    if path is None:
-        if teacher_fields:
+def _kd_teachers(cfg: Config) -> list[KDTeacherSpec]:
+    """Without ``teachers`` entries the one teacher is the mask teacher (the batch's); each
+    entry is a teacher with its own cache, unless that cache is the mask teacher's."""
+    if not cfg.teachers:
+        return [KDTeacherSpec(MASK_TEACHER, 1.0)]
+    out = []
+    for index, (entry, weight) in enumerate(zip(cfg.teachers, teacher_weights(cfg.teachers))):
+        if not entry.cache_path:
             raise UserError(
-                f"teacher outputs ({', '.join(sorted(teacher_fields))}) are needed by this config "
-                "(train.prompt_source / mask_teacher) but mask_teacher.cache_path is not set"
+                f"teachers '{entry.name}': cache_path is not set; feature distillation reads "
+                f"this teacher's outputs from its cache (maskteacher precompute CONFIG --teacher "
+                f"{entry.name} writes it)"
             )
-        return None, None, CacheBinding()
-    if split != "train" and not teacher_fields and not cache_has_split(path, split):
-        log.info(
-            "the cache at %s has no %s split; reading %s ground truth from the dataset",
-            path,
-            split,
-            split,
-        )
-        return None, None, CacheBinding()
-    source = open_cache_targets(
-        path,
-        split=split,
-        images=images,
-        image_size=cfg.model.image_size,
-        teacher_fields=teacher_fields,
-        verify=cfg.cache.verify_on_open and split == "train",
-        progress=progress,
-    )
-    return source, source.usable_indices, CacheBinding(cache_id=source.cache_id)
-
-
-def loader(
-    dataset: TrainDataset,
-    *,
-    batch_size: int,
-    sampler: Sampler,
-    num_workers: int,
-    pin_memory: bool,
-) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=collate,
-        pin_memory=pin_memory,
-        drop_last=False,
-    )
-
-
-class ShardSampler(Sampler):
-    """Validation order: rank r takes items r, r + world, ... (no padding, no duplicates)."""
-
-    def __init__(self, num_items: int, *, rank: int, world_size: int) -> None:
-        self.indices = list(range(rank, num_items, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-@dataclass
-class DataParts:
-    train_set: TrainDataset
-    sampler: ResumableSampler
-    train_loader: DataLoader
-    val_loader: DataLoader | None
-    cache: CacheBinding
-
-
-def data_from_config(
-    cfg: Config, info: dist_utils.DistInfo, device: torch.device, teacher_fields: frozenset[str]
-) -> DataParts:
-    """Datasets, sampler and loaders (train: configured prompts; val: the full grid)."""
-    t = cfg.train
-    if cfg.dataset.train_dataset is None:
-        raise UserError("dataset.train_dataset is not set; expected a dataset folder or COCO JSON")
-    images = open_images(cfg, cfg.dataset.train_dataset, "train_dataset")
-    targets, indices, binding = target_source_from_config(
-        cfg, split="train", images=images, teacher_fields=teacher_fields, progress=info.is_main
-    )
-    prompts = prompt_spec_from_config(cfg)
-    if prompts.needs_teacher_points and "points" not in teacher_fields:
-        # a batch hook (the online teacher) provides the points and makes these prompts
-        prompts = dataclasses.replace(prompts, defer_teacher_points=True)
-    train_set = TrainDataset(
-        images,
-        image_size=cfg.model.image_size,
-        prompts=prompts,
-        targets=targets,
-        hflip=t.hflip,
-        seed=t.seed,
-        indices=indices,
-    )
-    sampler = ResumableSampler(
-        len(train_set), rank=info.rank, world_size=info.world_size, shuffle=True, seed=t.seed
-    )
-    pin = device.type == "cuda"
-    workers = cfg.dataset.num_workers
-    train_loader = loader(
-        train_set, batch_size=t.batch_size, sampler=sampler, num_workers=workers, pin_memory=pin
-    )
-    val_loader = None
-    if cfg.dataset.val_dataset is not None:
-        val_images = open_images(cfg, cfg.dataset.val_dataset, "val_dataset")
-        val_targets, val_indices, _ = target_source_from_config(
-            cfg, split="val", images=val_images, teacher_fields=frozenset()
-        )
-        val_set = TrainDataset(
-            val_images,
+        if _same_path(entry.cache_path, cfg.mask_teacher.cache_path):
+            out.append(KDTeacherSpec(entry.name, weight))
+            continue
+        key = f"teachers[{index}]"
+        identity = TeacherIdentity(
+            where=f"{key}.cache_path",
+            teacher_type=resolve_teacher_type(entry),
+            type_key=f"{key}.type",
+            checkpoint=entry.checkpoint,
+            checkpoint_key=f"{key}.checkpoint",
             image_size=cfg.model.image_size,
-            prompts=prompt_spec_from_config(cfg, validation=True),
-            targets=val_targets,
-            seed=t.seed,
-            indices=val_indices,
+            generation=generation_params(cfg.precompute),
         )
-        val_sampler = ShardSampler(len(val_set), rank=info.rank, world_size=info.world_size)
-        val_loader = loader(
-            val_set,
-            batch_size=t.batch_size,
-            sampler=val_sampler,
-            num_workers=workers,
-            pin_memory=pin,
+        out.append(KDTeacherSpec(entry.name, weight, entry.cache_path, identity))
+    return out
+
+
+def visual_settings(cfg: Config) -> VisualSettings | None:
+    """None when ``visual.status`` is off; a UserError when there is nothing to draw. In both
+    dataset modes the pictures show the student's everything-mode masks (grid prompts), as
+    validation measures them."""
+    v = cfg.visual
+    if not v.status:
+        return None
+    if not cfg.dataset.val_dataset:
+        raise UserError(
+            "visual.status is true but dataset.val_dataset is not set: the overlays are "
+            "drawn from validation images"
         )
-    return DataParts(train_set, sampler, train_loader, val_loader, binding)
+    return VisualSettings(
+        folder=Path(v.save_path) if v.save_path else Path(cfg.model.save_path) / "visual",
+        every=v.save_every_n_epochs,
+        num_images=v.num_images,
+        iou_threshold=v.IOU_threshold,
+        points_per_side=cfg.dataset.grid_points,
+        points_per_batch=cfg.train.points_per_batch,
+        box_nms_thresh=cfg.precompute.box_nms_thresh,
+        multimask_output=cfg.model.multimask_output,
+        bf16=cfg.train.bf16,
+    )

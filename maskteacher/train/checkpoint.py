@@ -32,6 +32,11 @@ from maskteacher.errors import UserError
 
 CHECKPOINT_FORMAT = "maskteacher.train"
 CHECKPOINT_VERSION = 1
+#: What :func:`build_checkpoint` writes and a resume reads.
+REQUIRED_KEYS = frozenset(
+    {"format", "version", "model", "model_type", "image_size", "optimizer", "scheduler",
+     "scaler", "progress", "rng", "config", "cache_id"}
+)  # fmt: skip
 
 
 @dataclass
@@ -175,6 +180,12 @@ def load_training_checkpoint(
         raise UserError(
             f"{path}: not a maskteacher training checkpoint (expected format {CHECKPOINT_FORMAT!r}; "
             "to start from plain weights use model.checkpoint_path)"
+        )
+    missing = sorted(REQUIRED_KEYS - set(ckpt))
+    if missing:
+        raise UserError(
+            f"{path}: the training checkpoint lacks {', '.join(missing)} (a partial or edited "
+            "file); resume from last.pt or best.pt as a run wrote it"
         )
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise UserError(

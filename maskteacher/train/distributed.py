@@ -75,12 +75,12 @@ def sum_tensor(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def broadcast_flag(flag: bool, device: torch.device) -> bool:
-    """Rank 0's boolean, on every rank (e.g. the early-stop decision)."""
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on at least one (e.g. a non-finite loss)."""
     if not _active():
         return flag
     t = torch.tensor([1 if flag else 0], device=device)
-    dist.broadcast(t, src=0)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 

@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from maskteacher.train.batch import Batch
+from maskteacher.errors import UserError
+from maskteacher.train import distributed as dist_utils
 from maskteacher.train.checkpoint import Progress
-from maskteacher.train.criterion import weighted_total
-from maskteacher.train.forward import run_forward
+from maskteacher.train.data.batch import Batch, BatchHook
 from maskteacher.train.logger import TrainLogger
-from maskteacher.train.supervision import AuxLoss, StepContext, SupervisionStrategy
+from maskteacher.train.student import run_forward
+from maskteacher.train.supervision.base import AuxLoss, StepContext, SupervisionStrategy
+from maskteacher.train.supervision.criterion import weighted_total
 
 
 @dataclass
@@ -66,21 +68,20 @@ def compute_loss(
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoopSettings:
     """Plain settings of the epoch loop (from ``train.*``)."""
 
     gradient_accumulation: int = 1
     grad_clip: float | None = 1.0
     bf16: bool = False
-    seed: int = 0
-    image_size: int = 1024
     checkpoint_every: int | None = None
 
 
 @dataclass
-class EpochState:
-    """Objects the loop drives (the forward module may be DDP-wrapped and/or compiled)."""
+class StepParts:
+    """What every step drives, built once per run. ``forward`` is the (possibly DDP-wrapped
+    and/or compiled) student forward; the run swaps it when the trainable parts change."""
 
     forward: nn.Module
     params: list[nn.Parameter]
@@ -89,7 +90,7 @@ class EpochState:
     scaler: torch.amp.GradScaler
     strategy: SupervisionStrategy
     aux_losses: list[AuxLoss] = field(default_factory=list)
-    batch_hooks: list[Callable[[Batch], Batch]] = field(default_factory=list)
+    batch_hooks: list[BatchHook] = field(default_factory=list)
 
 
 def step_generator(seed: int, micro_step: int) -> torch.Generator:
@@ -108,7 +109,7 @@ def _timed(loader: Iterable[Batch]) -> Iterator[tuple[Batch, float]]:
         yield batch, time.perf_counter() - start
 
 
-def optimizer_step(state: EpochState, grad_clip: float | None) -> None:
+def optimizer_step(state: StepParts, grad_clip: float | None) -> None:
     """Unscale, clip, step the optimizer and the schedule, clear gradients."""
     state.scaler.unscale_(state.optimizer)
     if grad_clip is not None:
@@ -121,8 +122,54 @@ def optimizer_step(state: EpochState, grad_clip: float | None) -> None:
     state.optimizer.zero_grad(set_to_none=True)
 
 
+def backward_step(
+    state: StepParts,
+    batch: Batch,
+    ctx: StepContext,
+    *,
+    settings: LoopSettings,
+    device: torch.device,
+) -> StepResult:
+    """One micro-batch: to the device, batch hooks, loss, backward of ``loss / accumulation``.
+
+    A NaN or infinite loss on any rank raises :class:`NonFiniteLoss` (one line naming the epoch,
+    the step and every term) before anything is back-propagated.
+    """
+    device_batch = batch.to(device, non_blocking=True)
+    for hook in state.batch_hooks:
+        device_batch = hook(device_batch)
+    result = compute_loss(
+        state.forward,
+        device_batch,
+        strategy=state.strategy,
+        aux_losses=state.aux_losses,
+        ctx=ctx,
+        bf16=settings.bf16,
+    )
+    if dist_utils.any_rank(not bool(torch.isfinite(result.total.detach())), device):
+        raise NonFiniteLoss(result, ctx)
+    state.scaler.scale(result.total / settings.gradient_accumulation).backward()
+    return result
+
+
+class NonFiniteLoss(UserError):
+    """The loss of a micro-batch is NaN or infinite (on any rank): training stops before the
+    update, so the weights and the last checkpoint stay as they were."""
+
+    def __init__(self, result: StepResult, ctx: StepContext) -> None:
+        shown = ", ".join(
+            f"{k}={v:.4g}"
+            for k, v in {"total": float(result.total.detach()), **result.terms}.items()
+        )
+        super().__init__(
+            f"the loss is not finite at epoch {ctx.epoch}, after optimizer step {ctx.step} "
+            f"({shown}); training stopped before this update and the last checkpoint is kept -- "
+            "check train.lr, the loss weights and the student checkpoint (model.checkpoint_path)"
+        )
+
+
 def train_one_epoch(
-    state: EpochState,
+    state: StepParts,
     loader: Iterable[Batch],
     *,
     num_batches: int,
@@ -147,21 +194,11 @@ def train_one_epoch(
         start = time.perf_counter()
         index = progress.batches_done  # position within the epoch
         boundary = (index + 1) % accum == 0 or index + 1 == num_batches
-        ctx = make_context(progress.micro_step)
         syncing = contextlib.nullcontext() if boundary or sync_ctx is None else sync_ctx()
-        device_batch = batch.to(device, non_blocking=True)
-        for hook in state.batch_hooks:
-            device_batch = hook(device_batch)
         with syncing:
-            result = compute_loss(
-                state.forward,
-                device_batch,
-                strategy=state.strategy,
-                aux_losses=state.aux_losses,
-                ctx=ctx,
-                bf16=settings.bf16,
+            result = backward_step(
+                state, batch, make_context(progress.micro_step), settings=settings, device=device
             )
-            state.scaler.scale(result.total / accum).backward()
         if boundary:
             optimizer_step(state, settings.grad_clip)
             progress.step += 1

@@ -1,10 +1,15 @@
 """Rank-0 training logs: TensorBoard scalars and the tqdm progress bar.
 
-TensorBoard tags (written every ``log_every`` optimizer steps, averaged over the window):
+TensorBoard tags (written every ``log_every`` optimizer steps, averaged over the window; a
+window cut short by the end of an epoch or of the run is written too, at its last step):
 ``train/task_loss`` (the weighted total, every term included), ``train/<term>`` for each loss
 term, ``train/lr`` (the heads' group), ``train/matched_per_image``, ``train/matched_iou``,
 ``time/data_wait`` and ``time/step`` (seconds per micro-batch), ``time/images_per_s``; per
-validation ``val/best_match_iou``. Ranks other than 0 log nothing.
+validation ``val/best_match_iou``. Ranks other than 0 log nothing. The event file (and its
+folder) is created at the first write, so a run that refuses to start leaves nothing behind.
+
+The progress bar shows the loss and the ``postfix_terms`` with 4 significant digits
+(``soft=0.0001234``, not ``0.0000``), matched masks per image and images per second.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from tqdm import tqdm
+
+from maskteacher.train.run_folder import writing
 
 
 class TrainLogger:
@@ -30,11 +37,10 @@ class TrainLogger:
         self.enabled = enabled
         self.postfix_terms = postfix_terms
         self.log_every = log_every
-        self.writer = None
-        if enabled and log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.log_dir = Path(log_dir) if enabled and log_dir is not None else None
+        self._writer = None
+        self._step = 0
+        self._lr = 0.0
         self._sums: dict[str, float] = defaultdict(float)
         self._count = 0
         self._bar: tqdm | None = None
@@ -48,6 +54,8 @@ class TrainLogger:
         self._bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch}", dynamic_ncols=True)
 
     def end_epoch(self) -> None:
+        """Close the epoch's bar and write its last, possibly partial, window."""
+        self.flush_window()
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -89,23 +97,40 @@ class TrainLogger:
         if self._bar is not None:
             self._bar.update(1)
 
+    @property
+    def writer(self):
+        """The TensorBoard writer, created at the first use (None when not logging)."""
+        if self._writer is None and self.log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            with writing(self.log_dir, "TensorBoard log folder"):
+                self._writer = SummaryWriter(log_dir=str(self.log_dir))
+        return self._writer
+
     def optimizer_step(self, step: int, lr: float) -> None:
         """After optimizer step ``step`` (1-based count): write the window when it is due."""
         if not self.enabled:
             return
+        self._step, self._lr = step, lr
         if self._bar is not None and self._postfix_n:
             p, n = self._postfix, self._postfix_n
-            extra = {k: f"{p[k] / n:.4f}" for k in self.postfix_terms if k in p}
+            extra = {k: f"{p[k] / n:.4g}" for k in self.postfix_terms if k in p}
             self._bar.set_postfix(
-                loss=f"{p['loss'] / n:.4f}",
+                loss=f"{p['loss'] / n:.4g}",
                 matched=f"{p['matched'] / max(p['images'], 1):.1f}",
                 img_s=f"{p['images'] / max(p['seconds'], 1e-9):.1f}",
                 **extra,
             )
             self._postfix.clear()
             self._postfix_n = 0
-        if step % self.log_every or not self._count:
+        if step % self.log_every == 0:
+            self.flush_window()
+
+    def flush_window(self) -> None:
+        """Write the window accumulated so far (if any) at the last optimizer step seen."""
+        if not self.enabled or not self._count:
             return
+        step, lr = self._step, self._lr
         if self.writer is not None:
             s, n = self._sums, self._count
             images = max(s["images"], 1.0)
@@ -136,7 +161,7 @@ class TrainLogger:
 
     def close(self) -> None:
         self.end_epoch()
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
-            self.writer = None
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None

@@ -1,12 +1,8 @@
 """The training run: ``train(cfg)`` is what ``maskteacher train CONFIG`` calls.
 
-Setup (DDP, data, student, optimiser, resume) -> epochs (train, validate, checkpoint, early stop)
--> export. The parts come from the ``*_from_config`` builders of :mod:`.builders`.
-
-Extension points (issue 7) are the registries of :mod:`maskteacher.train.supervision`:
-supervision strategies (``@register_supervision``), auxiliary losses (``@register_aux_loss``)
-and batch hooks (``@register_batch_hook``, e.g. an online teacher filling ``Batch.teacher``).
-Teacher fields they need and that no hook provides are read from ``mask_teacher.cache_path``.
+Setup (DDP, :func:`~maskteacher.train.builders.bind` the config, open data, build the student,
+optimiser, resume) -> epochs (train, validate, pictures, checkpoint, early stop) -> export.
+Everything the config says arrives through :mod:`.builders`; this module never reads it.
 """
 
 from __future__ import annotations
@@ -16,45 +12,36 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from maskteacher.config import Config
 from maskteacher.errors import UserError
 from maskteacher.models import build_sam, export_official, set_batchnorm_eval, set_trainable
 from maskteacher.models.checkpoint import atomic_save
+from maskteacher.train import assemble, builders
 from maskteacher.train import distributed as dist_utils
-from maskteacher.train.builders import (
-    DataParts,
-    aux_losses_from_config,
-    batch_hooks_from_config,
-    data_from_config,
-    prompt_spec_from_config,
-    settings_for_epoch,
-    strategy_from_config,
-)
 from maskteacher.train.checkpoint import (
     Progress,
     build_checkpoint,
     load_training_checkpoint,
     restore_rng,
 )
-from maskteacher.train.data import batches_per_epoch
-from maskteacher.train.engine import (
-    EpochState,
-    LoopSettings,
-    StepResult,
-    step_generator,
-    train_one_epoch,
-)
-from maskteacher.train.forward import StudentForward
+from maskteacher.train.data.sampler import batches_per_epoch
+from maskteacher.train.engine import StepParts, StepResult, step_generator, train_one_epoch
 from maskteacher.train.logger import TrainLogger
+from maskteacher.train.plan import RunPlan, RunSettings
+from maskteacher.train.run_folder import RunLock, check_save_dir, remove_stale_temp, writing
 from maskteacher.train.schedule import EpochSettings, build_optimizer, build_scheduler
-from maskteacher.train.supervision import AuxLoss, BatchHook, StepContext, SupervisionStrategy
+from maskteacher.train.student import StudentForward
+from maskteacher.train.supervision.base import StepContext
 from maskteacher.train.validate import validate
-from maskteacher.train.visual import ValidationPictures, VisualSettings
+from maskteacher.train.visual import ValidationPictures
+
+if TYPE_CHECKING:
+    from maskteacher.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +49,6 @@ LAST = "last.pt"
 BEST = "best.pt"
 EXPORT = "student_official.pth"
 RESOLVED_CONFIG = "config.yaml"
-
-# ------------------------------------------------------------------------------- training
 
 
 @dataclass
@@ -88,6 +73,23 @@ class TrainResult:
         self.matched_iou.append(iou)
 
 
+def train(cfg: Config, *, stop_after_steps: int | None = None) -> TrainResult:
+    """Run training as configured; returns a :class:`TrainResult` (every rank).
+
+    stop_after_steps: stop (after writing last.pt) once this many optimizer steps are done in
+    total -- for tests that interrupt and resume a run.
+    """
+    info, device = dist_utils.init_distributed(cfg.train.device)
+    run = None
+    try:
+        run = TrainingRun.setup(cfg, info, device)
+        return run.fit(stop_after_steps)
+    finally:
+        if run is not None and run.lock is not None:
+            run.lock.release()
+        dist_utils.shutdown_distributed()
+
+
 def _wrap(forward: StudentForward, info: dist_utils.DistInfo, device: torch.device, compile_: bool):
     module: nn.Module = forward
     if info.enabled:
@@ -101,8 +103,22 @@ def _wrap(forward: StudentForward, info: dist_utils.DistInfo, device: torch.devi
     return module
 
 
-def _resume_path(cfg: Config, save_dir: Path) -> Path | None:
-    resume = cfg.train.resume
+def _optimization(sam: nn.Module, s: RunSettings, num_batches: int):
+    """AdamW over every parameter and the warmup-cosine schedule over the run's optimizer steps."""
+    optimizer = build_optimizer(
+        sam, lr=s.lr, weight_decay=s.weight_decay, encoder_lr_scale=s.encoder_lr_scale
+    )
+    steps_per_epoch = math.ceil(num_batches / s.loop.gradient_accumulation)
+    scheduler = build_scheduler(
+        optimizer,
+        warmup_steps=s.warmup_steps,
+        total_steps=s.epochs * steps_per_epoch,
+        min_lr_ratio=s.min_lr_ratio,
+    )
+    return optimizer, scheduler
+
+
+def _resume_path(resume: bool | str, save_dir: Path) -> Path | None:
     if resume is False:
         return None
     if resume is True:
@@ -114,185 +130,180 @@ def _resume_path(cfg: Config, save_dir: Path) -> Path | None:
     return Path(resume)
 
 
-def train(
-    cfg: Config,
-    *,
-    stop_after_steps: int | None = None,
-    batch_hooks: list[BatchHook] | None = None,
-) -> TrainResult:
-    """Run training as configured; returns a :class:`TrainResult` (every rank).
-
-    stop_after_steps: stop (after writing last.pt) once this many optimizer steps are done in
-    total -- for tests that interrupt and resume a run. batch_hooks: extra hooks run after the
-    registered ones (see :class:`~maskteacher.train.supervision.BatchHook`).
-    """
-    info, device = dist_utils.init_distributed(cfg.train.device)
-    try:
-        hooks = batch_hooks_from_config(cfg, device) + list(batch_hooks or [])
-        run = TrainingRun.setup(cfg, info, device, hooks)
-        return run.fit(stop_after_steps)
-    finally:
-        dist_utils.shutdown_distributed()
-
-
 @dataclass
 class TrainingRun:
     """Everything one training run holds; built by :meth:`setup`, driven by :meth:`fit`."""
 
-    cfg: Config
+    plan: RunPlan
     info: dist_utils.DistInfo
     device: torch.device
-    data: DataParts
+    data: assemble.DataParts
     sam: nn.Module
     forward: StudentForward
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    strategy: SupervisionStrategy
-    aux_losses: list[AuxLoss]
-    batch_hooks: list[BatchHook]
+    parts: StepParts
     num_batches: int
     progress: Progress
     logger: TrainLogger
     result: TrainResult
     pictures: ValidationPictures | None = None
+    lock: RunLock | None = None
 
     @property
-    def save_dir(self) -> Path:
-        return Path(self.cfg.model.save_path)
+    def settings(self) -> RunSettings:
+        return self.plan.settings
 
     @classmethod
-    def setup(cls, cfg: Config, info, device, batch_hooks) -> TrainingRun:
-        t = cfg.train
-        strategy = strategy_from_config(cfg)
-        aux_losses = aux_losses_from_config(cfg)
-        visual = VisualSettings.from_config(cfg)
-        teacher_fields = frozenset(strategy.teacher_fields).union(
-            *(a.teacher_fields for a in aux_losses)
-        )
-        if prompt_spec_from_config(cfg).needs_teacher_points:
-            teacher_fields |= {"points"}
-        teacher_fields -= frozenset().union(*(h.provides for h in batch_hooks))
-        data = data_from_config(cfg, info, device, teacher_fields)
-        torch.manual_seed(t.seed)
-        sam = build_sam(
-            cfg.model.type,
-            cfg.model.checkpoint_path,
-            image_size=cfg.model.image_size,
-            strict=cfg.model.strict,
-        ).to(device)
+    def setup(cls, cfg: Config, info: dist_utils.DistInfo, device: torch.device) -> TrainingRun:
+        plan = builders.bind(cfg)
+        s = plan.settings
+        d = plan.data
+        sources = (d.train, d.val)
+        paths = [x.path for x in sources if x] + [x.image_root for x in sources if x]
+        check_save_dir(s.save_dir, dataset_paths=paths)
+        hook = assemble.online_teacher(plan, device)
+        kd = assemble.feature_distillation(plan)
+        data = assemble.open_data(plan, info, device)
+        pictures = assemble.validation_pictures(plan, info)
+        torch.manual_seed(s.seed)
+        sam = build_sam(s.model_type, s.checkpoint, image_size=s.image_size, strict=s.strict)
+        sam = sam.to(device)
         forward = StudentForward(
             sam,
-            multimask_output=cfg.model.multimask_output,
-            points_per_batch=t.points_per_batch,
-            return_tokens=any(a.needs_tokens for a in aux_losses),
-            checkpoint_decoder=t.checkpoint_decoder,
-        )
-        optimizer = build_optimizer(
-            sam, lr=t.lr, weight_decay=t.weight_decay, encoder_lr_scale=t.encoder_lr_scale
+            multimask_output=s.multimask_output,
+            points_per_batch=s.points_per_batch,
+            return_tokens=kd is not None and kd.needs_tokens,
+            checkpoint_decoder=s.checkpoint_decoder,
         )
         num_batches = batches_per_epoch(
-            len(data.train_set), world_size=info.world_size, batch_size=t.batch_size
+            len(data.train_set), world_size=info.world_size, batch_size=s.batch_size
         )
-        scheduler = build_scheduler(
-            optimizer,
-            warmup_steps=t.warmup_step,
-            total_steps=t.epochs * math.ceil(num_batches / t.gradient_accumulation),
-            min_lr_ratio=t.min_lr_ratio,
+        optimizer, scheduler = _optimization(sam, s, num_batches)
+        parts = StepParts(
+            forward=forward,
+            params=list(sam.parameters()),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=torch.amp.GradScaler(device.type, enabled=False),  # bf16: no loss scaling
+            strategy=plan.strategy,
+            aux_losses=[kd] if kd is not None else [],
+            batch_hooks=[hook] if hook is not None else [],
         )
-        save_dir = Path(cfg.model.save_path)
         run = cls(
-            cfg=cfg,
+            plan=plan,
             info=info,
             device=device,
             data=data,
             sam=sam,
             forward=forward,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            scaler=torch.amp.GradScaler(device.type, enabled=False),  # bf16: no loss scaling
-            strategy=strategy,
-            aux_losses=aux_losses,
-            batch_hooks=batch_hooks,
+            parts=parts,
             num_batches=num_batches,
             progress=Progress(),
             logger=TrainLogger(
-                save_dir / "tensorboard", log_every=t.log_every, enabled=info.is_main
+                s.save_dir / "tensorboard", log_every=s.log_every, enabled=info.is_main
             ),
-            result=TrainResult(save_dir=save_dir, is_main=info.is_main),
-            pictures=ValidationPictures(cfg, visual) if visual and info.is_main else None,
+            result=TrainResult(save_dir=s.save_dir, is_main=info.is_main),
+            pictures=pictures,
         )
         run.resume()
         if info.is_main:
-            save_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(save_dir / RESOLVED_CONFIG)
+            run.claim_folder()
         return run
+
+    def claim_folder(self) -> None:
+        """Create and lock the run folder, clear a killed run's leftovers, write the config
+        (rank 0; everything before this point refuses a bad run without writing a file)."""
+        s = self.settings
+        self.lock = RunLock(s.save_dir)
+        self.lock.acquire()
+        for path in remove_stale_temp(s.save_dir):
+            log.info("removed %s, left by an interrupted write", path)
+        path = s.save_dir / RESOLVED_CONFIG
+        tmp = s.save_dir / f"{RESOLVED_CONFIG}.tmp"
+        with writing(path, "resolved config"):
+            tmp.write_text(self.plan.config_text)
+            tmp.replace(path)
 
     # -- checkpoints -------------------------------------------------------------------------
     def resume(self) -> None:
         """Load the checkpoint ``train.resume`` names, if any (model, optimiser, RNG, ...)."""
-        path = _resume_path(self.cfg, self.save_dir)
+        s = self.settings
+        path = _resume_path(s.resume, s.save_dir)
         if path is None:
             return
-        cfg = self.cfg
-        ckpt = load_training_checkpoint(
-            path, model_type=cfg.model.type, image_size=cfg.model.image_size
-        )
-        if ckpt["cache_id"] != self.data.cache.cache_id:
+        ckpt = load_training_checkpoint(path, model_type=s.model_type, image_size=s.image_size)
+        if ckpt["cache_id"] != self.data.cache_id:
             raise UserError(
                 f"{path}: checkpoint was trained with teacher cache {ckpt['cache_id']!r}, "
-                f"the config reads {self.data.cache.cache_id!r}; resume with the same cache"
+                f"the config reads {self.data.cache_id!r}; resume with the same cache"
             )
-        self.sam.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        try:
+            self.sam.load_state_dict(ckpt["model"])
+            self.parts.optimizer.load_state_dict(ckpt["optimizer"])
+            self.parts.scheduler.load_state_dict(ckpt["scheduler"])
+            self.parts.scaler.load_state_dict(ckpt["scaler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(
+                f"{path}: the checkpoint's weights or optimizer state do not fit model.type "
+                f"{s.model_type!r} ({first[:200]}); resume from a checkpoint of this run"
+            ) from None
         self.progress = Progress.from_dict(ckpt["progress"])
         restore_rng(ckpt["rng"])
         self.result.best_metric = self.progress.best_metric
-        self.logger.message(
-            f"resumed from {path} at epoch {self.progress.epoch}, step {self.progress.step}"
+        log.info(
+            "resumed from %s at epoch %d, step %d", path, self.progress.epoch, self.progress.step
         )
 
     def save(self, name: str) -> None:
-        """Write checkpoint ``name`` (rank 0 only; atomically)."""
+        """Write checkpoint ``name`` (rank 0 only; atomically). Weights that are not finite are
+        never written: the run stops with one line and the previous checkpoint stays."""
         if not self.info.is_main:
             return
+        s = self.settings
+        bad = [n for n, p in self.sam.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise UserError(
+                f"the student's weights are not finite after optimizer step {self.progress.step} "
+                f"({len(bad)} tensors, e.g. {bad[0]}); {name} is not written and the last "
+                "checkpoint is kept -- check train.lr and the loss weights"
+            )
         ckpt = build_checkpoint(
             model_state=self.sam.state_dict(),
-            model_type=self.cfg.model.type,
-            image_size=self.cfg.model.image_size,
-            optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(),
-            scaler=self.scaler.state_dict(),
+            model_type=s.model_type,
+            image_size=s.image_size,
+            optimizer=self.parts.optimizer.state_dict(),
+            scheduler=self.parts.scheduler.state_dict(),
+            scaler=self.parts.scaler.state_dict(),
             progress=self.progress,
-            config_json=json.dumps(self.cfg.to_dict(), sort_keys=True),
-            cache_id=self.data.cache.cache_id,
+            config_json=json.dumps(self.plan.config, sort_keys=True),
+            cache_id=self.data.cache_id,
         )
-        atomic_save(ckpt, self.save_dir / name)
+        with writing(s.save_dir / name, "checkpoint"):
+            atomic_save(ckpt, s.save_dir / name)
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self, stop_after_steps: int | None = None) -> TrainResult:
         """Train the remaining epochs, validate, checkpoint, stop early, export."""
-        t = self.cfg.train
-        module, trainable = None, None
+        s = self.settings
+        trainable = None
         try:
-            for epoch in range(self.progress.epoch, t.epochs):
-                settings = settings_for_epoch(self.cfg, epoch)
-                if module is None or settings.trainable != trainable:
+            for epoch in range(self.progress.epoch, s.epochs):
+                settings = self.plan.epochs.at(epoch)
+                if settings.trainable != trainable:
                     trainable = settings.trainable
                     enc, prm, dec = trainable
                     set_trainable(self.sam, image_encoder=enc, prompt_encoder=prm, mask_decoder=dec)
-                    module = _wrap(self.forward, self.info, self.device, t.compile)
-                if not self.train_epoch(epoch, settings, module, stop_after_steps):
+                    self.parts.forward = _wrap(self.forward, self.info, self.device, s.compile)
+                if not self.train_epoch(epoch, settings, stop_after_steps):
                     self.save(LAST)  # interrupted mid-way (stop_after_steps)
                     self.result.best_metric = self.progress.best_metric
                     return self.result
                 if self.end_epoch(epoch):
                     break
             if self.info.is_main:
-                self.result.export_path = self.save_dir / EXPORT
-                export_official(self.sam, self.result.export_path)
+                self.result.export_path = s.save_dir / EXPORT
+                with writing(self.result.export_path, "exported student"):
+                    export_official(self.sam, self.result.export_path)
             dist_utils.barrier()
         finally:
             self.logger.close()
@@ -301,34 +312,22 @@ class TrainingRun:
 
     def _train_mode(self) -> None:
         self.sam.train()
-        if self.cfg.freeze.batchnorm_eval:
+        if self.settings.batchnorm_eval:
             set_batchnorm_eval(self.sam)
 
-    def train_epoch(
-        self, epoch: int, settings: EpochSettings, module: nn.Module, stop_after: int | None
-    ) -> bool:
+    def train_epoch(self, epoch: int, settings: EpochSettings, stop_after: int | None) -> bool:
         """One epoch (or its rest after a resume); False when stopped by ``stop_after``."""
-        t, progress = self.cfg.train, self.progress
+        s, progress = self.settings, self.progress
         self._train_mode()
         self.data.sampler.set_epoch(epoch)
-        self.data.sampler.set_skip(progress.batches_done * t.batch_size)
-        state = EpochState(
-            forward=module,
-            params=list(self.sam.parameters()),
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            scaler=self.scaler,
-            strategy=self.strategy,
-            aux_losses=self.aux_losses,
-            batch_hooks=self.batch_hooks,
-        )
+        self.data.sampler.set_skip(progress.batches_done * s.batch_size)
 
         def make_context(micro_step: int) -> StepContext:
             return StepContext(
                 settings=settings,
-                generator=step_generator(t.seed, micro_step),
+                generator=step_generator(s.seed, micro_step),
                 reduce_count=lambda v: dist_utils.mean_count(v, self.device),
-                image_size=self.cfg.model.image_size,
+                image_size=s.image_size,
                 epoch=epoch,
                 step=progress.step,
             )
@@ -336,19 +335,12 @@ class TrainingRun:
         self.logger.start_epoch(epoch, self.num_batches, initial=progress.batches_done)
         batches = _StopAfter(self.data.train_loader, progress, stop_after)
         train_one_epoch(
-            state,
+            self.parts,
             batches,
             num_batches=self.num_batches,
             progress=progress,
             make_context=make_context,
-            settings=LoopSettings(
-                gradient_accumulation=t.gradient_accumulation,
-                grad_clip=t.grad_clip,
-                bf16=t.bf16,
-                seed=t.seed,
-                image_size=self.cfg.model.image_size,
-                checkpoint_every=t.checkpoint_every,
-            ),
+            settings=s.loop,
             device=self.device,
             logger=self.logger,
             on_checkpoint=lambda: self.save(LAST),
@@ -364,8 +356,8 @@ class TrainingRun:
         progress.batches_done = 0
         self.result.epochs_done += 1
         stop = False
-        if self.data.val_loader is not None and (epoch + 1) % self.cfg.train.val_freq == 0:
-            stop = _validate_and_track(self, epoch)
+        if self.data.val_loader is not None and (epoch + 1) % self.settings.val_freq == 0:
+            stop = self.validate_and_track(epoch)
             self._train_mode()
         if self.pictures is not None and self.pictures.settings.due(epoch):
             self.pictures.save(self.sam, epoch, self.device)
@@ -379,30 +371,29 @@ class TrainingRun:
             )
         return stop
 
-
-def _validate_and_track(run: TrainingRun, epoch: int) -> bool:
-    """Validate, keep best.pt, update early stopping; returns True when training should stop."""
-    t, progress, result = run.cfg.train, run.progress, run.result
-    score = validate(
-        run.sam,
-        run.data.val_loader,
-        device=run.device,
-        points_per_batch=t.points_per_batch,
-        multimask_output=run.cfg.model.multimask_output,
-        bf16=t.bf16,
-    )
-    result.val_scores.append((epoch, score))
-    run.logger.scalar("val/best_match_iou", score, progress.step)
-    run.logger.message(f"epoch {epoch}: validation best-match IoU {score:.4f}")
-    if progress.best_metric is None or score > progress.best_metric:
-        progress.best_metric = score
-        progress.best_epoch = epoch
-        progress.bad_validations = 0
-        run.save(BEST)
-        return False
-    progress.bad_validations += 1
-    patience = t.early_stop_patience
-    return patience > 0 and progress.bad_validations >= patience
+    def validate_and_track(self, epoch: int) -> bool:
+        """Validate, keep best.pt, update early stopping; returns True when training should stop."""
+        s, progress = self.settings, self.progress
+        score = validate(
+            self.sam,
+            self.data.val_loader,
+            device=self.device,
+            points_per_batch=s.points_per_batch,
+            multimask_output=s.multimask_output,
+            bf16=s.loop.bf16,
+        )
+        self.result.val_scores.append((epoch, score))
+        self.logger.scalar("val/best_match_iou", score, progress.step)
+        self.logger.message(f"epoch {epoch}: validation best-match IoU {score:.4f}")
+        if progress.best_metric is None or score > progress.best_metric:
+            progress.best_metric = score
+            progress.best_epoch = epoch
+            progress.bad_validations = 0
+            self.save(BEST)
+            return False
+        progress.bad_validations += 1
+        patience = s.early_stop_patience
+        return patience > 0 and progress.bad_validations >= patience
 
 
 class _StopAfter:

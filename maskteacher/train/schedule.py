@@ -98,7 +98,7 @@ class EpochSettings:
     """What changes from epoch to epoch.
 
     loss_weights: the task-term weights in force; distillation / lambda_coef: the feature-KD
-    switch and scale (issue 7 reads them); trainable: (image_encoder, prompt_encoder,
+    switch and scale; trainable: (image_encoder, prompt_encoder,
     mask_decoder); stages: names of the stages covering this epoch.
     """
 
@@ -137,3 +137,24 @@ def epoch_settings(
         unfrozen or not freeze.mask_decoder,
     )
     return EpochSettings(weights, distillation, lambda_coef, trainable, tuple(names))
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """The base settings, stages and freezing of a run: :meth:`at` resolves one epoch."""
+
+    loss_weights: dict[str, float]
+    distillation: bool
+    lambda_coef: float
+    stages: tuple[Stage, ...] = ()
+    freeze: Freeze = Freeze()
+
+    def at(self, epoch: int) -> EpochSettings:
+        return epoch_settings(
+            epoch,
+            loss_weights=self.loss_weights,
+            distillation=self.distillation,
+            lambda_coef=self.lambda_coef,
+            stages=list(self.stages),
+            freeze=self.freeze,
+        )

@@ -13,9 +13,9 @@ import torch
 from segment_anything.modeling import Sam
 
 from maskteacher.models import decode_points, preprocess
-from maskteacher.train.batch import Batch
+from maskteacher.train.data.batch import Batch
 from maskteacher.train.distributed import sum_tensor
-from maskteacher.train.matcher import pairwise_mask_iou
+from maskteacher.train.supervision.matcher import pairwise_mask_iou
 
 
 @torch.no_grad()

@@ -31,6 +31,7 @@ FULL_PARAMS = {
     "bf16": False,
     "mask_threshold": 0.0,
     "generator": "maskteacher.everything/1",
+    "hq_token_only": False,
 }
 
 
@@ -155,5 +156,10 @@ def test_the_trainer_check_refuses_each_content_field(base):
         assert found is not None and found.field == name, name
     found = _expect(base, fingerprints={"train": "sha256:new"})
     assert (found.field, found.have, found.want) == ("fingerprints.train", "sha256:t", "sha256:new")
+    sam = dataclasses.replace(
+        base, params={k: v for k, v in base.params.items() if k != "hq_token_only"}
+    )
+    assert _expect(sam, params=dict(sam.params)) is None  # recorded only for SAM-HQ teachers
+    assert _expect(base, teacher_type=None) is None  # the caller checks the type its own way
     with pytest.raises(ValueError, match="params lacks bf16"):
         _expect(base, params={k: v for k, v in base.params.items() if k != "bf16"})

@@ -239,3 +239,32 @@ def test_many_bad_items_are_summarised_in_the_log(copy_sample, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert sum("skipping bad item" in m for m in messages) == 10
     assert any("skipped 12 bad items" in m for m in messages)
+
+
+@pytest.mark.parametrize("name", ["sa_2.jpg", "sa_4.jpg"])
+def test_damaged_image_bytes_fail_with_one_line_naming_the_file(name, copy_sample):
+    """Issue 11 item 13: seeded byte damage to an image (truncation, flipped bytes, overwritten
+    runs) either still decodes at the header's size or raises one UserError line naming the file
+    -- never another exception -- at open time or on access."""
+    root = copy_sample("sa1b")
+    path = root / name
+    original = path.read_bytes()
+    rng = np.random.default_rng(11)
+    for trial in range(60):
+        data = bytearray(original)
+        if trial % 3 == 0:
+            data = data[: int(rng.integers(1, len(data)))]
+        elif trial % 3 == 1:
+            for _ in range(int(rng.integers(1, 8))):
+                data[int(rng.integers(0, len(data)))] = int(rng.integers(0, 256))
+        else:
+            start = int(rng.integers(0, len(data)))
+            data[start : start + int(rng.integers(1, 64))] = b"\xff" * 16
+        path.write_bytes(bytes(data))
+        try:
+            ds = open_dataset(root, skip_bad=True)
+            if name[:-4] in ds.image_ids:
+                index = ds.image_ids.index(name[:-4])
+                assert ds[index].image.shape[:2] == ds.image_hw(index)
+        except UserError as exc:
+            assert str(path) in str(exc) and "\n" not in str(exc)

@@ -66,7 +66,7 @@ def test_stats_reports_all_bad_items_and_exit_codes(sample_roots, tmp_path, caps
     assert report["images"] == 4
     items = [b["item"] for b in report["bad"]]
     assert any("sample_0000.png" in i for i in items) and any("sample_0003" in i for i in items)
-    assert all(set(b) == {"item", "reason"} for b in report["bad"])
+    assert all(set(b) == {"item", "reason", "kind"} for b in report["bad"])
 
     assert main(["data", "stats", str(root), "--json", "--full"]) == 1
     full = json.loads(capsys.readouterr().out)

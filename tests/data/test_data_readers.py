@@ -19,7 +19,7 @@ from maskteacher.data import (
     open_dataset,
     sample_image_id,
 )
-from maskteacher.data import folder as folder_module
+from maskteacher.data import masks as masks_module
 from maskteacher.errors import UserError
 
 FORMATS = ("folder", "sa1b", "coco")
@@ -73,13 +73,6 @@ def test_ids_are_sorted_deterministically(sample_roots):
     assert open_dataset(sample_roots["coco"]).image_ids == [str(i) for i in range(1, 7)]
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_fingerprint_entries_are_ids_and_file_sizes(fmt, sample_roots):
-    ds = open_dataset(sample_roots[fmt])
-    expected = [(ds.image_ids[i], ds.image_path(i).stat().st_size) for i in range(len(ds))]
-    assert ds.fingerprint_entries() == expected
-
-
 def test_coco_crowd_skipped_unless_included(sample_roots, sample_truth):
     plain = open_dataset(sample_roots["coco"])
     crowd = open_dataset(sample_roots["coco"], include_crowd=True)
@@ -104,13 +97,13 @@ def test_dataset_and_sample_pickle(fmt, sample_roots):
 
 def test_masks_decoded_only_on_access_and_cached(sample_roots, monkeypatch):
     calls = []
-    real = folder_module.load_binary_mask
+    real = masks_module.decode_mask
 
     def counting(path, hw):
         calls.append(path)
         return real(path, hw)
 
-    monkeypatch.setattr(folder_module, "load_binary_mask", counting)
+    monkeypatch.setattr(masks_module, "decode_mask", counting)
     ds = open_dataset(sample_roots["folder"])
     sample = ds[0]
     assert calls == []

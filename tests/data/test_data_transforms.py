@@ -80,11 +80,37 @@ def test_resize_and_point_grid_equal_sam_automatic_mask_generator(hw, image_size
 
 
 def test_input_size_matches_resize_longest_side():
-    for h, w in [(1500, 2250), (2250, 1500), (100, 100), (97, 150), (1, 400), (333, 334)]:
+    for h, w in [(1500, 2250), (2250, 1500), (100, 100), (97, 150), (7, 400), (333, 334)]:
         for size in (64, 256, 1024):
             expected = ResizeLongestSide.get_preprocess_shape(h, w, size)
             assert input_size((h, w), size) == expected
             assert max(input_size((h, w), size)) == size
+
+
+@pytest.mark.parametrize("hw", [(1, 400), (400, 1), (1, 4000), (2, 3), (1, 1)])
+def test_degenerate_image_sizes_go_through_every_transform(hw):
+    """Issue 11 item 13: a 1 x 400 image crashed the resize (its short side scales to 0 px).
+    No side is rounded to 0; the image, masks, grid and flips all work on it."""
+    size = 64
+    h_in, w_in = input_size(hw, size)
+    assert min(h_in, w_in) >= 1 and max(h_in, w_in) == size
+    image = np.random.default_rng(0).integers(0, 256, (*hw, 3), dtype=np.uint8)
+    tensor, input_hw = to_model_input(image, size)
+    assert tensor.shape == (3, size, size) and input_hw == (h_in, w_in)
+    assert tensor[:, h_in:, :].eq(0).all() and tensor[:, :, w_in:].eq(0).all()
+    masks = np.ones((2, *hw), bool)
+    lowres = masks_to_lowres(masks, hw, size)
+    rows, cols = lowres_valid_hw(input_hw)
+    assert lowres.shape == (2, size // 4, size // 4)
+    assert not lowres[:, rows:].any() and not lowres[:, :, cols:].any()  # padding stays empty
+    if min(h_in, w_in) >= 2:  # an object covering a real image covers its low-res blocks
+        assert lowres[:, : rows - 1, : cols - 1].all()
+    points = point_grid(4, input_hw)
+    assert (
+        np.isfinite(points).all() and (points[:, 0] <= w_in).all() and (points[:, 1] <= h_in).all()
+    )
+    flipped = hflip_lowres(hflip_lowres(lowres, input_hw), input_hw)
+    assert torch.equal(flipped, lowres)
 
 
 def test_resize_image_rejects_non_rgb_uint8():

@@ -11,7 +11,8 @@ from segment_anything import sam_model_registry
 
 from maskteacher.errors import UserError
 from maskteacher.models import (
-    MODEL_TYPES,
+    HQ_VARIANTS,
+    SAM_TYPES,
     build_sam,
     detect_backbone,
     export_official,
@@ -202,10 +203,14 @@ def test_missing_and_mismatched_keys(tiny_state, tmp_path):
 
 def test_detect_backbone_names_every_registry_entry():
     signatures = registry_signatures()
-    assert len(set(signatures.values())) == len(MODEL_TYPES)  # all distinguishable
-    for model_type in MODEL_TYPES:
+    assert len(set(signatures.values())) == len(SAM_TYPES)  # all distinguishable
+    for model_type in SAM_TYPES:
         with torch.device("meta"):
             model = build_sam(model_type, image_size=64)
+        assert detect_backbone(model.state_dict()) == model_type
+    for model_type, hq_type in HQ_VARIANTS.items():  # SAM-HQ keeps its SAM type's encoder
+        with torch.device("meta"):
+            model = build_sam(hq_type, image_size=64)
         assert detect_backbone(model.state_dict()) == model_type
     decoder_only = {k: v for k, v in build_sam("vit_b_tiny", image_size=64).state_dict().items()}
     decoder_only = {k: v for k, v in decoder_only.items() if not k.startswith("image_encoder.")}
@@ -373,3 +378,17 @@ def test_sha256_file_streams_the_file(tmp_path):
     assert sha256_file(path) == hashlib.sha256(data).hexdigest()
     with pytest.raises(UserError, match="file not found"):
         sha256_file(tmp_path / "nope.bin")
+
+
+def test_non_strict_loading_that_matches_nothing_is_an_error(tmp_path):
+    """``strict: false`` loads what matches; a file matching no tensor at all (another kind of
+    model, renamed keys) would leave the model random while the run goes on: refused."""
+    renamed = {
+        f"backbone.{k}": v for k, v in build_sam("vit_b_tiny", image_size=64).state_dict().items()
+    }
+    path = tmp_path / "renamed.pth"
+    torch.save(renamed, path)
+    with pytest.raises(UserError) as info:
+        build_sam("vit_b_tiny", path, image_size=64, strict=False)
+    text = _one_line(info)
+    assert "matches none of the" in text and "model.strict: false" in text

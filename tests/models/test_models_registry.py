@@ -10,8 +10,10 @@ from segment_anything.modeling import ImageEncoderViT, Sam
 
 from maskteacher.errors import UserError
 from maskteacher.models import (
+    HQ_TYPES,
     MODEL_TYPES,
     OFFICIAL_TYPES,
+    SAM_TYPES,
     build_sam,
     export_official,
     read_state_dict,
@@ -30,13 +32,15 @@ ENTRIES = {
 
 
 def test_model_types_lists_the_registry():
-    assert MODEL_TYPES == ("vit_h", "vit_l", "vit_b", "vit_t", "vit_t_tiny", "vit_b_tiny")
+    assert SAM_TYPES == ("vit_h", "vit_l", "vit_b", "vit_t", "vit_t_tiny", "vit_b_tiny")
+    assert tuple(f"{t}_hq" for t in SAM_TYPES) == HQ_TYPES
+    assert MODEL_TYPES == SAM_TYPES + HQ_TYPES
     assert set(OFFICIAL_TYPES) == {"vit_h", "vit_l", "vit_b", "vit_t"}
 
 
 @pytest.mark.parametrize(
     "model_type",
-    [pytest.param(t, marks=pytest.mark.slow) if t == "vit_h" else t for t in MODEL_TYPES],
+    [pytest.param(t, marks=pytest.mark.slow) if t == "vit_h" else t for t in SAM_TYPES],
 )
 def test_entry_builds_runs_and_round_trips(model_type, randomize, tmp_path):
     """Build at image_size 64, run encoder + prompt encoder + decoder, save -> load exactly.

@@ -11,7 +11,9 @@ import torch
 import yaml
 
 from maskteacher.cache_format import open_cache
+from maskteacher.data import to_model_input
 from maskteacher.models import build_sam
+from maskteacher.models.everything import generate_everything, lowres_to_masks
 
 IMAGE_SIZE = 128
 TEACHER = "vit_b_tiny"
@@ -33,9 +35,14 @@ def one_thread():
 
 
 def scale_mask_logits(model: torch.nn.Module, factor: float) -> torch.nn.Module:
-    """Multiply the mask logits of a SAM model by ``factor`` (last hypernetwork layers)."""
+    """Multiply the mask logits of a SAM or SAM-HQ model by ``factor`` (last hypernetwork layers,
+    the HQ token's ``hf_mlp`` too)."""
+    decoder = model.mask_decoder
+    mlps = list(decoder.output_hypernetworks_mlps)
+    if hasattr(decoder, "hf_mlp"):
+        mlps.append(decoder.hf_mlp)
     with torch.no_grad():
-        for mlp in model.mask_decoder.output_hypernetworks_mlps:
+        for mlp in mlps:
             mlp.layers[-1].weight.mul_(factor)
             mlp.layers[-1].bias.mul_(factor)
     return model
@@ -141,3 +148,50 @@ def assert_same_content(a: dict, b: dict, *, code_tol: int = 1) -> None:
         assert diff.max(initial=0) <= code_tol, f"{key}: logits differ by {diff.max()} units"
         for name in ("teacher_points", "teacher_iou", "teacher_stability", "teacher_boxes"):
             np.testing.assert_allclose(ra[name], rb[name], atol=1e-4, err_msg=f"{key} {name}")
+
+
+# ------------------------------------------------ everything mode vs a SamAutomaticMaskGenerator
+
+
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(A, H, W) x (B, H, W) bool -> (A, B) IoU (0 where both are empty)."""
+    a = a.reshape(len(a), -1).float()
+    b = b.reshape(len(b), -1).float()
+    inter = a @ b.T
+    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    return inter / union.clamp(min=1)
+
+
+def agreement(ref: torch.Tensor, ours: torch.Tensor) -> tuple[float, float]:
+    """Fraction of reference masks with a mask of ours at IoU >= 0.9, and vice versa."""
+    m = mask_iou(ref, ours)
+    return (
+        float((m.max(dim=1).values >= 0.9).float().mean()),
+        float((m.max(dim=0).values >= 0.9).float().mean()),
+    )
+
+
+def reference_masks(generator, image: np.ndarray) -> torch.Tensor:
+    """Masks of a ``SamAutomaticMaskGenerator`` (segment-anything's or segment-anything-hq's)."""
+    anns = generator.generate(image)
+    if not anns:
+        return torch.zeros(0, *image.shape[:2], dtype=torch.bool)
+    return torch.from_numpy(np.stack([a["segmentation"] for a in anns]))
+
+
+def our_masks(
+    model, images: list[np.ndarray], image_size: int = IMAGE_SIZE, **kwargs
+) -> list[torch.Tensor]:
+    """Our generator on all images in one batch; masks upsampled to each original frame."""
+    inputs = [to_model_input(im, image_size) for im in images]
+    outs = generate_everything(
+        model,
+        torch.stack([x for x, _ in inputs]),
+        [hw for _, hw in inputs],
+        [im.shape[:2] for im in images],
+        **kwargs,
+    )
+    return [
+        lowres_to_masks(o.logits, image_size=image_size, input_hw=hw, orig_hw=im.shape[:2])
+        for o, (_, hw), im in zip(outs, inputs, images)
+    ]

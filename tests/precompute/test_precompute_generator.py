@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from precompute_helpers import IMAGE_SIZE, make_teacher
+from precompute_helpers import IMAGE_SIZE, agreement, make_teacher, our_masks, reference_masks
 from segment_anything import SamAutomaticMaskGenerator
 from torchvision.ops import box_iou
 
-import maskteacher.models.everything as everything
+import maskteacher.models.features as features
 from maskteacher.data import generate_sample, point_grid, to_model_input
 from maskteacher.models import DecoderOutput, build_sam
 from maskteacher.models.everything import (
@@ -19,50 +19,6 @@ from maskteacher.models.everything import (
     lowres_to_masks,
     valid_lowres_mask,
 )
-
-
-def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(A, H, W) x (B, H, W) bool -> (A, B) IoU (0 where both are empty)."""
-    a = a.reshape(len(a), -1).float()
-    b = b.reshape(len(b), -1).float()
-    inter = a @ b.T
-    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
-    return inter / union.clamp(min=1)
-
-
-def agreement(ref: torch.Tensor, ours: torch.Tensor) -> tuple[float, float]:
-    """Fraction of reference masks with a mask of ours at IoU >= 0.9, and vice versa."""
-    m = mask_iou(ref, ours)
-    return (
-        float((m.max(dim=1).values >= 0.9).float().mean()),
-        float((m.max(dim=0).values >= 0.9).float().mean()),
-    )
-
-
-def reference_masks(generator: SamAutomaticMaskGenerator, image: np.ndarray) -> torch.Tensor:
-    anns = generator.generate(image)
-    if not anns:
-        return torch.zeros(0, *image.shape[:2], dtype=torch.bool)
-    return torch.from_numpy(np.stack([a["segmentation"] for a in anns]))
-
-
-def our_masks(
-    model, images: list[np.ndarray], image_size: int = IMAGE_SIZE, **kwargs
-) -> list[torch.Tensor]:
-    """Our generator on all images in one batch; masks upsampled to each original frame."""
-    inputs = [to_model_input(im, image_size) for im in images]
-    outs = generate_everything(
-        model,
-        torch.stack([x for x, _ in inputs]),
-        [hw for _, hw in inputs],
-        [im.shape[:2] for im in images],
-        **kwargs,
-    )
-    return [
-        lowres_to_masks(o.logits, image_size=image_size, input_hw=hw, orig_hw=im.shape[:2])
-        for o, (_, hw), im in zip(outs, inputs, images)
-    ]
-
 
 # ------------------------------------------------------------------- real tiny random teacher
 
@@ -146,7 +102,7 @@ def synthetic_model(monkeypatch):
         logits, iou = synthetic_decoder(points.cpu(), low)
         return DecoderOutput(low_res_logits=logits, iou_pred=iou)
 
-    monkeypatch.setattr(everything, "decode_points", fake_decode_points)
+    monkeypatch.setattr(features, "decode_points", fake_decode_points)
     return model
 
 
@@ -231,7 +187,7 @@ def test_padding_does_not_count_for_stability_or_boxes(monkeypatch):
         iou = torch.tensor([[0.9, 0.8, 0.7]]).expand(points.shape[0], 3)
         return DecoderOutput(low_res_logits=logits, iou_pred=iou)
 
-    monkeypatch.setattr(everything, "decode_points", fake)
+    monkeypatch.setattr(features, "decode_points", fake)
     out = generate_everything(
         model,
         x[None],

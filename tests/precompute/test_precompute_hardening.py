@@ -16,7 +16,12 @@ from pathlib import Path
 import pytest
 from precompute_helpers import run_cli, subprocess_env, write_config
 
-from maskteacher.cache_format import GENERATION_KEYS, init_cache, open_cache
+from maskteacher.cache_format import (
+    GENERATION_KEYS,
+    OPTIONAL_GENERATION_KEYS,
+    init_cache,
+    open_cache,
+)
 from maskteacher.cache_format.verify import verify_cache
 from maskteacher.config import load_config
 from maskteacher.errors import UserError
@@ -37,11 +42,14 @@ def _leftovers(cache: Path) -> list[str]:
 
 
 def test_generation_keys_are_what_the_header_records():
-    assert set(GenerationParams().header_params()) == set(GENERATION_KEYS)
+    assert set(GenerationParams().header_params(hq=True)) == set(GENERATION_KEYS)
+    sam = set(GENERATION_KEYS) - set(OPTIONAL_GENERATION_KEYS)
+    assert set(GenerationParams().header_params()) == sam
 
 
 def test_resume_check_refuses_each_listed_generation_field(tmp_path, sample_root, teacher_ckpt):
-    """bf16 included (it changes the logits); points_per_batch (not listed) is accepted."""
+    """bf16 included (it changes the logits); points_per_batch (not listed) is accepted, and so
+    is hq_token_only for a SAM teacher (it changes only SAM-HQ teachers' output)."""
     config = write_config(tmp_path, train=sample_root, checkpoint=teacher_ckpt)
     job = PrecomputeJob.from_config(load_config(config))
     datasets = open_splits(job)
@@ -57,7 +65,7 @@ def test_resume_check_refuses_each_listed_generation_field(tmp_path, sample_root
             job, generation=dataclasses.replace(job.generation, **{f.name: other})
         )
         header = make_header(changed, datasets, identity="ab" * 32)
-        if f.name == "points_per_batch":
+        if f.name in ("points_per_batch", "hq_token_only"):
             join_cache(changed, header)
             continue
         with pytest.raises(

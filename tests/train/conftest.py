@@ -1,13 +1,23 @@
-"""Fixtures for the trainer tests (helpers live in ``train_helpers``)."""
+"""Fixtures for the trainer tests (helpers live in ``train_helpers`` and
+``mask_teacher_helpers``, beside this file).
+
+The tests below this folder (``data/``, ``supervision/``, ``distill/``) import those helpers by
+their bare module names: this folder goes on ``sys.path`` here, whatever pytest's import mode.
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-import pytest
-import torch
-from mask_teacher_helpers import save_teacher
-from train_helpers import make_data
+HERE = str(Path(__file__).resolve().parent)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from mask_teacher_helpers import save_teacher  # noqa: E402
+from train_helpers import make_data  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

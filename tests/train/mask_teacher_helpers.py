@@ -22,11 +22,11 @@ from maskteacher.cache_format import (
 from maskteacher.config import PrecomputeConfig
 from maskteacher.data import input_size, masks_to_lowres, open_dataset
 from maskteacher.models import build_sam, sha256_file
-from maskteacher.train.batch import PromptSet, TeacherTargets, TrainSample, collate
-from maskteacher.train.forward import Predictions
+from maskteacher.train.data.batch import PromptSet, TeacherTargets, TrainSample, collate
+from maskteacher.train.data.cache import generation_params
 from maskteacher.train.schedule import EpochSettings
-from maskteacher.train.supervision import StepContext
-from maskteacher.train.teacher_cache import generation_params
+from maskteacher.train.student import Predictions
+from maskteacher.train.supervision.base import StepContext
 
 TEACHER_TYPE = "vit_b_tiny"
 EMBED_DIM = 64  # channels of the tiny models' embeddings and decoder tokens
@@ -45,8 +45,11 @@ def tiny_teacher(
     nothing."""
     torch.manual_seed(seed)
     model = build_sam(model_type, image_size=image_size)
+    mlps = list(model.mask_decoder.output_hypernetworks_mlps)
+    if hasattr(model.mask_decoder, "hf_mlp"):  # SAM-HQ's HQ token
+        mlps.append(model.mask_decoder.hf_mlp)
     with torch.no_grad():
-        for mlp in model.mask_decoder.output_hypernetworks_mlps:
+        for mlp in mlps:
             mlp.layers[-1].weight.mul_(scale)
             mlp.layers[-1].bias.mul_(scale)
     return model

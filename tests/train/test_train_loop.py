@@ -225,9 +225,18 @@ def test_empty_dataset_is_one_line(tmp_path, capsys, sample_data):
     assert len(err) == 1 and "holds no usable images" in err[0]
 
 
+# The run reads the teacher's prompt points from these caches, so it needs them (a cache that only
+# replaces the dataset's ground truth is skipped when unusable: test_train_hardening.py).
+TEACHER_PROMPTS = {"prompt_source": "teacher"}
+
+
 def test_wrong_cache_for_image_size_is_one_line(tmp_path, capsys, sample_data):
-    cache = write_cache(tmp_path / "cache", {"train": sample_data["train"]}, image_size=128)
-    _, path = tiny_config(tmp_path, sample_data, mask_teacher={"cache_path": str(cache)})
+    cache = write_cache(
+        tmp_path / "cache", {"train": sample_data["train"]}, image_size=128, teacher=True
+    )
+    _, path = tiny_config(
+        tmp_path, sample_data, train=TEACHER_PROMPTS, mask_teacher={"cache_path": str(cache)}
+    )
     assert _cli(path) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "image_size 128" in err[0]
@@ -235,8 +244,10 @@ def test_wrong_cache_for_image_size_is_one_line(tmp_path, capsys, sample_data):
 
 def test_wrong_cache_for_dataset_is_one_line(tmp_path, capsys, sample_data):
     other = make_data(tmp_path / "other", images=2, seed=9)
-    cache = write_cache(tmp_path / "cache", {"train": other})
-    _, path = tiny_config(tmp_path, sample_data, mask_teacher={"cache_path": str(cache)})
+    cache = write_cache(tmp_path / "cache", {"train": other}, teacher=True)
+    _, path = tiny_config(
+        tmp_path, sample_data, train=TEACHER_PROMPTS, mask_teacher={"cache_path": str(cache)}
+    )
     assert _cli(path) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "fingerprint" in err[0]

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from train_helpers import tiny_config, write_cache
 
 from maskteacher.cli import main as cli_main
 from maskteacher.data import open_dataset
-from maskteacher.eval.pictures import TITLE_HEIGHT
 from maskteacher.train.run import train
+from maskteacher.viz.panels import TITLE_HEIGHT
 
 
 def _epochs(folder):
@@ -85,22 +84,40 @@ def test_overlays_do_not_change_training(sample_data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize(
-    ("sections", "needle"),
-    [
-        ({}, "dataset.val_dataset is not set"),
-        ({"dataset": {"mode": "single"}}, "visual.status is true with dataset.mode"),
-    ],
-)
-def test_visual_without_something_to_draw_is_one_line(
-    sample_data, tmp_path, capsys, sections, needle
-):
-    dataset = {"val_dataset": str(sample_data["val"])} if sections else {}
-    dataset.update(sections.get("dataset", {}))
-    _, path = tiny_config(
-        tmp_path, sample_data, load=False, dataset=dataset, visual={"status": True}
+def test_overlays_with_a_train_only_cache_have_no_teacher_panel(sample_data, tmp_path):
+    cache = write_cache(tmp_path / "cache", {"train": sample_data["train"]}, teacher=True)
+    cfg, _ = tiny_config(
+        tmp_path,
+        sample_data,
+        dataset={"val_dataset": str(sample_data["val"])},
+        mask_teacher={"cache_path": str(cache)},
+        visual={"status": True, "num_images": 1},
     )
+    train(cfg)
+    val = open_dataset(sample_data["val"])
+    h, w = val[0].image.shape[:2]
+    picture = tmp_path / "run" / "visual" / "epoch_000" / f"{val[0].image_id}.png"
+    assert np.asarray(Image.open(picture)).shape[:2] == (h + TITLE_HEIGHT, 3 * w + 2 * 4)
+
+
+def test_visual_without_a_validation_set_is_one_line(sample_data, tmp_path, capsys):
+    _, path = tiny_config(tmp_path, sample_data, load=False, visual={"status": True})
     assert cli_main(["train", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0]
+    assert len(err) == 1 and "dataset.val_dataset is not set" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_single_mode_pictures_show_the_everything_mode_student(sample_data, tmp_path):
+    """The origin's configs (single mode, visual.status: true) draw the student's
+    everything-mode masks, as validation measures them."""
+    cfg, _ = tiny_config(
+        tmp_path,
+        sample_data,
+        dataset={"val_dataset": str(sample_data["val"]), "mode": "single"},
+        visual={"status": True, "num_images": 2},
+    )
+    train(cfg)
+    val = open_dataset(sample_data["val"])
+    folder = tmp_path / "run" / "visual" / "epoch_000"
+    assert sorted(p.stem for p in folder.glob("*.png")) == sorted(val.image_ids[:2])

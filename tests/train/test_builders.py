@@ -1,0 +1,260 @@
+"""Binding: every shipped config becomes a run plan without touching a file, the plan is what the
+config says, and config-level mistakes are one UserError line at bind time."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import operator
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from maskteacher.config import TeacherEntry, load_config
+from maskteacher.errors import UserError
+from maskteacher.models.everything import GenerationParams
+from maskteacher.train import builders
+from maskteacher.train.data.cache import generation_params
+from maskteacher.train.data.online_teacher import MASK_FIELDS
+from maskteacher.train.distill.blocks import EncoderMatching
+from maskteacher.train.plan import KDTeacherSpec
+from maskteacher.train.supervision.gt import GTSupervision, SingleSupervision
+from maskteacher.train.supervision.mask_teacher import DualSupervision, ReplaceGTSupervision
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = sorted(p for p in CONFIG_DIR.iterdir() if p.suffix in (".yaml", ".yml", ".json"))
+
+# ----------------------------------------------------------------------- no file is touched
+
+#: Audit events of file access (https://docs.python.org/3/library/audit_events.html).
+FILE_EVENTS = frozenset(
+    {
+        "open", "os.listdir", "os.scandir", "os.mkdir", "os.remove", "os.rmdir", "os.rename",
+        "os.truncate", "os.chmod", "os.utime", "os.link", "os.symlink", "glob.glob",
+        "shutil.copyfile", "shutil.rmtree",
+    }
+)  # fmt: skip
+_ACCESSES: list[list] = []  # the open recorders; empty: the hook is inert
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _ACCESSES and event in FILE_EVENTS:
+        _ACCESSES[-1].append((event, args[0] if args else None))
+
+
+@functools.cache
+def _install_audit_hook() -> None:
+    sys.addaudithook(_audit)  # cannot be removed; inert outside no_file_access()
+
+
+@contextlib.contextmanager
+def no_file_access(monkeypatch):
+    """Fail if the block opens, lists, writes or stats a file (os.stat is what every existence
+    check -- Path.is_file, os.path.exists -- ends in; audit events catch the rest)."""
+    _install_audit_hook()
+
+    def refuse_stat(path, *args, **kwargs):
+        raise AssertionError(f"stat of {path} while binding")
+
+    accesses: list = []
+    _ACCESSES.append(accesses)
+    with monkeypatch.context() as m:
+        m.setattr(os, "stat", refuse_stat)
+        try:
+            yield
+        finally:
+            _ACCESSES.pop()
+            if accesses:  # also when the block raised: touching a file is the first failure
+                raise AssertionError(f"file access while binding: {accesses}")
+
+
+def named_paths(cfg) -> list[str]:
+    """Every file or folder a config names."""
+    paths = [
+        cfg.dataset.train_dataset,
+        cfg.dataset.val_dataset,
+        cfg.dataset.image_root,
+        cfg.model.checkpoint_path,
+        cfg.mask_teacher.checkpoint_path,
+        cfg.mask_teacher.cache_path,
+        *(p for t in cfg.teachers for p in (t.checkpoint, t.cache_path, t.cfg)),
+    ]
+    return [p for p in paths if p]
+
+
+def bind_offline(path, monkeypatch, overrides=()):
+    """Bind the config at ``path`` in an empty folder (its relative paths lead nowhere) without
+    touching a file; returns (config, plan)."""
+    cfg = load_config(path, overrides)
+    missing = named_paths(cfg)
+    assert missing and not any(Path(p).exists() for p in missing), missing
+    with no_file_access(monkeypatch):
+        plan = builders.bind(cfg)
+    return cfg, plan
+
+
+@pytest.fixture
+def empty_cwd(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    assert list(tmp_path.iterdir()) == []  # nothing was written either
+
+
+# ---------------------------------------------------------------------- the shipped configs
+
+# file -> (strategy class, teacher fields, online teacher, kd blocks, further plan values)
+EXPECTED = {
+    "mobilesam_single.json": (
+        SingleSupervision,
+        set(),
+        False,
+        [],
+        {"settings.image_size": 1024, "visual.every": 1, "visual.iou_threshold": 0.5},
+    ),
+    "sam_h_to_mobilesam_dual_kl.json": (
+        DualSupervision,
+        {"logits", "embedding"},
+        False,
+        [EncoderMatching(lambda_mse=1.0, lambda_kl=1.0, temperature=2.0, weight=1.0)],
+        {
+            "strategy.soft_type": "kl",
+            "strategy.soft_weight": 0.3,
+            "strategy.iou_threshold": 0.3,
+            "kd_teachers": [KDTeacherSpec("mask_teacher", 1.0)],
+            "data.cache_path": "./caches/sam_h_coco",
+            "settings.loop.bf16": True,
+        },
+    ),
+    "sam_h_to_mobilesam_replace_gt.yaml": (
+        ReplaceGTSupervision,
+        {"logits"},
+        False,
+        [],
+        {
+            "strategy.iou_threshold": 0.5,
+            "strategy.gt_override": True,
+            "strategy.student.match.iou_threshold": 0.3,  # train.match_iou_threshold
+            "epochs.freeze.prompt_encoder": True,
+            "prompts.source": "grid",
+            "prompts.max_prompts": 64,
+        },
+    ),
+    "sample_tiny.yaml": (
+        DualSupervision,
+        {"logits"},
+        False,
+        [],
+        {
+            "strategy.soft_type": "l2",
+            "strategy.soft_weight": 0.5,
+            "data.cache_path": "runs/teacher_cache",
+            "data.image_size": 128,
+            "settings.model_type": "vit_t_tiny",
+        },
+    ),
+}
+
+
+def test_every_shipped_config_is_listed():
+    assert sorted(EXPECTED) == [p.name for p in CONFIGS]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_shipped_config_binds_to_what_it_says(name, empty_cwd, monkeypatch):
+    strategy, fields, online, blocks, values = EXPECTED[name]
+    cfg, plan = bind_offline(CONFIG_DIR / name, monkeypatch)
+    assert type(plan.strategy) is strategy
+    assert plan.teacher_fields == fields
+    assert (plan.online is not None) == online
+    assert plan.kd_blocks == blocks
+    for attribute, value in values.items():
+        assert operator.attrgetter(attribute)(plan) == value, attribute
+    # the cache a mask-teacher strategy reads is checked against the mask_teacher block
+    identity = plan.data.identity
+    if plan.strategy.teacher_fields and cfg.mask_teacher.cache_path:
+        assert identity.teacher_type == cfg.mask_teacher.teacher_type
+        assert identity.checkpoint == cfg.mask_teacher.checkpoint_path
+        assert identity.generation == generation_params(cfg.precompute)
+    else:
+        assert identity is None
+    assert plan.settings.save_dir == Path(cfg.model.save_path)
+    assert plan.config == cfg.to_dict() and yaml.safe_load(plan.config_text) == cfg.to_dict()
+
+
+# ------------------------------------------------------------- teacher source decided at bind
+
+SAMPLE = CONFIG_DIR / "sample_tiny.yaml"
+DUAL_KL = CONFIG_DIR / "sam_h_to_mobilesam_dual_kl.json"
+
+
+def test_without_the_mask_teacher_nothing_is_needed(empty_cwd, monkeypatch):
+    # the first command of sample_tiny.yaml's header: train the tiny teacher on GT
+    _, plan = bind_offline(
+        SAMPLE, monkeypatch, ["mask_teacher.enable=false", "mask_teacher.cache_path=null"]
+    )
+    assert type(plan.strategy) is GTSupervision
+    assert plan.teacher_fields == frozenset() and plan.online is None
+    assert plan.data.cache_path is None and plan.data.identity is None
+
+
+def test_no_cache_runs_the_teacher_online(empty_cwd, monkeypatch):
+    cfg, plan = bind_offline(SAMPLE, monkeypatch, ["mask_teacher.cache_path=null"])
+    online = plan.online
+    assert online.teacher_type == "vit_b_tiny"
+    assert online.checkpoint == "runs/teacher/student_official.pth"
+    assert online.provides == MASK_FIELDS and online.prompts is None
+    assert online.generation == GenerationParams.from_config(cfg.precompute).generator_kwargs()
+    assert online.logit_clip == cfg.precompute.clip  # int8: clipped like the codec
+    assert plan.data.cache_path is None and plan.data.identity is None
+    # teacher prompts: made by the online teacher after it ran, not by the dataset
+    _, plan = bind_offline(
+        SAMPLE, monkeypatch, ["mask_teacher.cache_path=null", "train.prompt_source=teacher_grid"]
+    )
+    assert plan.teacher_fields == {"logits", "points"}
+    assert plan.prompts.defer_teacher_points and plan.online.prompts is not None
+    # fp16: nothing to clip; distillation's embedding comes from the online teacher too
+    _, plan = bind_offline(
+        DUAL_KL, monkeypatch, ["mask_teacher.cache_path=null", "precompute.codec=fp16"]
+    )
+    assert plan.teacher_fields == {"logits", "embedding"}
+    assert plan.online.provides == MASK_FIELDS | {"embedding"}
+    assert plan.online.logit_clip is None
+
+
+# ------------------------------------------------------------------------------ bind errors
+
+
+@pytest.mark.parametrize(
+    "path, overrides, needle",
+    [
+        (
+            SAMPLE,
+            ["mask_teacher.cache_path=null", "mask_teacher.checkpoint_path=null"],
+            "mask_teacher.cache_path is not set and neither is mask_teacher.checkpoint_path",
+        ),
+        (DUAL_KL, ["train.hflip=true"], "train.hflip: true cannot be combined"),
+        (SAMPLE, ["dataset.mode=single"], 'needs dataset.mode: "everything"'),
+        (
+            SAMPLE,
+            ["visual.status=true", "dataset.val_dataset=null"],
+            "visual.status is true but dataset.val_dataset is not set",
+        ),
+    ],
+)
+def test_bind_errors_are_one_line(path, overrides, needle, empty_cwd, monkeypatch):
+    with pytest.raises(UserError) as info:
+        bind_offline(path, monkeypatch, overrides)
+    message = str(info.value)
+    assert "\n" not in message and needle in message, message
+
+
+def test_distillation_teacher_without_cache_is_one_line(empty_cwd, monkeypatch):
+    cfg = load_config(DUAL_KL)
+    cfg.teachers = [TeacherEntry(name="x", type="vit_h")]
+    with no_file_access(monkeypatch), pytest.raises(UserError) as info:
+        builders.bind(cfg)
+    message = str(info.value)
+    assert "\n" not in message and "teachers 'x': cache_path is not set" in message
