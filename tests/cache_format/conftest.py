@@ -136,7 +136,7 @@ def v1_cache(tmp_path):
 @pytest.fixture(scope="session")
 def v1_expected():
     data = json.loads((FIXTURES / "v1" / "expected.json").read_text())
-    return lambda backend: data[backend]
+    return lambda key: data[key]
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ def test_format1_caches_written_by_the_old_code_still_read(v1_cache, v1_expected
     reader = open_cache(root)
     assert reader.manifest.version == 1 and len(reader) == 5
     assert {i: record_digest(reader[i]) for i in reader.image_ids} == v1_expected(backend)
+    assert reader.cache_id == v1_expected("cache_id")[backend]  # what its checkpoints recorded
     assert [f.image_id for f in reader.manifest.failures] == ["broken"]
     assert reader.index_of("b1") == 4 and list(reader.positions_of(["b0", "zz"])) == [3, -1]
     assert verify_cache(root, progress=False).ok
