@@ -11,13 +11,20 @@ the cache before it was converted.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 from maskteacher.cache_format.errors import CacheError
-from maskteacher.cache_format.jsonio import write_json_atomic
+from maskteacher.cache_format.jsonio import write_bytes_atomic, write_json_atomic
 from maskteacher.cache_format.locks import live_writers
 from maskteacher.cache_format.manifest import Manifest, load_header, load_manifest
-from maskteacher.cache_format.paths import HEADER_NAME, MANIFEST_NAME, SHARDS_DIR, sidecar_rel_path
+from maskteacher.cache_format.paths import (
+    FAILURES_DIR,
+    HEADER_NAME,
+    MANIFEST_NAME,
+    SHARDS_DIR,
+    sidecar_rel_path,
+)
 from maskteacher.cache_format.schema import FORMAT_VERSION, SHARD_SUFFIX
 from maskteacher.cache_format.storage import LocalSource
 from maskteacher.cache_format.verify import verify_cache
@@ -64,8 +71,15 @@ def upgrade_cache(
 
 
 def _write_sidecars(root: str, manifest: Manifest) -> None:
-    """The sidecar of every shard the format-1 manifest lists and that lacks one."""
+    """The sidecar of every shard the format-1 manifest lists and that lacks one, and its failed
+    images as a failure log (a copied cache may lack ``failures/``)."""
     os.makedirs(os.path.join(root, SHARDS_DIR), exist_ok=True)
+    if manifest.failures:
+        os.makedirs(os.path.join(root, FAILURES_DIR), exist_ok=True)
+        lines = "".join(json.dumps(f.to_json()) + "\n" for f in manifest.failures)
+        write_bytes_atomic(
+            os.path.join(root, FAILURES_DIR, "format1-manifest.jsonl"), lines.encode()
+        )
     for entry in manifest.shards:
         path = os.path.join(
             root, *sidecar_rel_path(entry.path, SHARD_SUFFIX[entry.backend]).split("/")

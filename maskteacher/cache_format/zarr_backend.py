@@ -1,11 +1,11 @@
 """Zarr v3 shards: a group folder ``<name>.zarr`` with one sharded array per row array.
 
-Written through zarr-python (``create_array`` with ``shards=``): inner chunks are
+Array metadata through zarr-python (``create_array`` with ``shards=``): inner chunks are
 ``(chunk_rows, *row_shape)`` with codecs ``bytes -> zstd -> crc32c`` (float16:
 ``bytes -> blosc(zstd, shuffle) -> crc32c``); a zarr shard file holds ``chunks_per_file``
-chunks. The writer buffers rows until a zarr shard file is complete and writes each file once
-(appending row by row would make zarr rewrite the growing file on every image). The group
-attribute ``maskteacher_index`` holds the per-image table.
+chunks. The writer encodes chunks as they come and writes each zarr shard file once
+(:class:`ZarrShardWriter`; appending through zarr-python made it read and rewrite the growing
+file on every image). The group attribute ``maskteacher_index`` holds the per-image table.
 
 Read without zarr-python: a zarr shard file ends with its index (``16 * n + 4`` bytes:
 little-endian uint64 (offset, nbytes) per inner chunk, then the crc32c of those bytes); the
@@ -18,6 +18,7 @@ the same data.
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any
 
 import google_crc32c
@@ -52,10 +53,16 @@ def _zarr_codecs(codec: ChunkCodec) -> list[Any]:
 
 
 class ZarrShardWriter:
-    """Writes one shard folder through zarr-python (the caller owns the folder exclusively).
+    """Writes one shard folder (the caller owns the folder exclusively).
 
-    ``write(spec, start, rows)`` appends whole chunks; rows are buffered per array and written
-    one complete zarr shard file at a time (the last, partial one at ``close``).
+    zarr-python writes the group and array metadata (``zarr.json``). The chunks are encoded as
+    they arrive, with the same byte pipeline zarr uses (:class:`ChunkCodec`: zstd frame + its
+    crc32c; blosc for float16), and each zarr shard file is written once, when its
+    ``chunks_per_file`` chunks are complete (the last, partial file at ``close``): the encoded
+    chunks one after the other, then the shard index (uint64 offset and length per chunk,
+    ``2**64 - 1`` for an absent chunk, little-endian) and the crc32c of the index. So adding an
+    image costs its own encoding whatever its place in the shard; zarr-python has no way to
+    append encoded chunks to a shard file without reading and rewriting it.
     """
 
     suffix = ".zarr"
@@ -66,54 +73,67 @@ class ZarrShardWriter:
         self.path = path
         self._group = zarr.open_group(store=path, mode="w-", zarr_format=3)
         self._arrays: dict[str, Any] = {}
-        self._pending: dict[str, list[np.ndarray]] = {}
-        self._base: dict[str, int] = {}
+        self._chunks: dict[str, list[bytes]] = {}  # encoded chunks of the current file
+        self._rows: dict[str, int] = {}  # rows received
+        self._files: dict[str, int] = {}  # files written
         self._specs: dict[str, ArraySpec] = {}
 
     def create(self, spec: ArraySpec) -> None:
         if spec.name in self._arrays:
             return
-        file_rows = spec.chunk_rows * spec.chunks_per_file
         self._arrays[spec.name] = self._group.create_array(
             name=spec.name,
             shape=(0, *spec.row_shape),
             chunks=spec.chunk_shape,
-            shards=(file_rows, *spec.row_shape),
+            shards=(spec.chunk_rows * spec.chunks_per_file, *spec.row_shape),
             dtype=np.dtype(spec.dtype),
             compressors=_zarr_codecs(spec.codec),
             fill_value=0,
             config={"write_empty_chunks": True},
         )
-        self._pending[spec.name], self._base[spec.name] = [], 0
+        self._chunks[spec.name], self._rows[spec.name], self._files[spec.name] = [], 0, 0
         self._specs[spec.name] = spec
 
     def write(self, spec: ArraySpec, start: int, rows: np.ndarray) -> None:
-        pending = self._pending[spec.name]
-        if start != self._base[spec.name] + sum(len(p) for p in pending):
-            raise CacheError(f"{self.path}: rows of {spec.name} must be appended in order")
-        pending.append(rows)
-        file_rows = spec.chunk_rows * spec.chunks_per_file
-        while sum(len(p) for p in pending) >= file_rows:
-            block = np.concatenate(pending)
-            self._write_block(spec.name, block[:file_rows])
-            pending[:] = [block[file_rows:]] if len(block) > file_rows else []
+        """Append whole chunks of rows (``start``: the row they begin at, in order)."""
+        if start != self._rows[spec.name] or rows.shape[0] % spec.chunk_rows:
+            raise CacheError(f"{self.path}: rows of {spec.name} must be whole chunks, in order")
+        chunks = self._chunks[spec.name]
+        for k in range(0, rows.shape[0], spec.chunk_rows):
+            chunks.append(spec.codec.encode(rows[k : k + spec.chunk_rows]))
+            if len(chunks) == spec.chunks_per_file:
+                self._write_file(spec)
+        self._rows[spec.name] += rows.shape[0]
 
-    def _write_block(self, name: str, block: np.ndarray) -> None:
-        arr, base = self._arrays[name], self._base[name]
-        arr.resize((base + len(block), *block.shape[1:]))
-        arr[base : base + len(block)] = block
-        self._base[name] = base + len(block)
+    def _write_file(self, spec: ArraySpec) -> None:
+        """Write the current zarr shard file of ``spec`` (chunks, index, index crc32c)."""
+        chunks = self._chunks[spec.name]
+        index = np.full((spec.chunks_per_file, 2), _EMPTY, "<u8")
+        offset = 0
+        for j, chunk in enumerate(chunks):
+            index[j] = (offset, len(chunk))
+            offset += len(chunk)
+        tail = index.tobytes()
+        key = "/".join(["c", str(self._files[spec.name]), *["0"] * len(spec.row_shape)])
+        path = os.path.join(self.path, spec.name, *key.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.writelines(chunks)
+            f.write(tail + google_crc32c.value(tail).to_bytes(4, "little"))
+        self._files[spec.name] += 1
+        chunks.clear()
 
     def close(self, index: dict[str, Any]) -> None:
-        for name, pending in self._pending.items():
-            if pending:
-                self._write_block(name, np.concatenate(pending))
-                pending.clear()
+        for name, arr in self._arrays.items():
+            spec = self._specs[name]
+            if self._chunks[name]:
+                self._write_file(spec)
+            arr.resize((self._rows[name], *spec.row_shape))
         self._group.attrs[INDEX_KEY] = index
 
     def abort(self) -> None:
         self._arrays.clear()
-        self._pending.clear()
+        self._chunks.clear()
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from fixtures.make_v1_caches import record_digest
 from maskteacher.cache_format import (
     CacheError,
     ShardWriter,
+    StoreFlags,
     decode_many,
     finalize,
     init_cache,
@@ -57,6 +59,9 @@ def test_upgrade_converts_in_place_and_keeps_the_records(v1_cache, v1_expected, 
     root = v1_cache(backend)
     old_id = open_cache(root).cache_id
     shard_files = sorted(os.listdir(os.path.join(root, "shards")))
+    for sidecar in Path(root, "shards").glob("*.json"):  # a copy of only what format 1 needed
+        sidecar.unlink()
+    shutil.rmtree(os.path.join(root, "failures"))
     assert main(["cache", "upgrade", root]) == 0
     assert "upgraded" in capsys.readouterr().out
     reader = open_cache(root)
@@ -65,6 +70,7 @@ def test_upgrade_converts_in_place_and_keeps_the_records(v1_cache, v1_expected, 
         "cache_id": old_id,
     }
     assert {i: record_digest(reader[i]) for i in reader.image_ids} == v1_expected(backend)
+    assert [f.image_id for f in reader.manifest.failures] == ["broken"]
     assert sorted(os.listdir(os.path.join(root, "shards"))) == shard_files  # shards untouched
     assert verify_cache(root, progress=False, jobs=2).ok
     assert main(["cache", "upgrade", root]) == 0
@@ -166,36 +172,47 @@ def test_reader_memory_is_bounded(tmp_path, make_header, make_record):
 
 
 def test_zarr_writer_fills_each_file_once(tmp_path, make_header, make_record, monkeypatch):
-    """Rows are buffered until a zarr shard file is full; files written so hold the same data
-    for plain zarr as the reader sees (a small file size forces many files and a partial one)."""
-    from maskteacher.cache_format import layout
+    """Chunks are encoded as images arrive and each zarr shard file is written once, full but
+    the last; plain zarr reads the files as the reader does (a small file size forces many
+    files and a partial last one)."""
+    from maskteacher.cache_format import layout, zarr_backend
 
     monkeypatch.setattr(layout, "TARGET_FILE_BYTES", 4 * 16 * 16 * 3)  # 3 chunks of logits
     rng = np.random.default_rng(3)
     root = tmp_path / "c"
-    init_cache(root, make_header())
-    recs = [make_record(rng, f"i{k}", n=n, m=1) for k, n in enumerate([5, 0, 9, 3, 12, 1])]
+    init_cache(root, make_header(store=StoreFlags(embedding=True, tokens=True)))
+    recs = [
+        make_record(rng, f"i{k}", n=n, m=1, embed_dim=4, token_dim=3)
+        for k, n in enumerate([5, 0, 9, 3, 12, 1])
+    ]
     writes = []
-    from maskteacher.cache_format import zarr_backend
+    real = zarr_backend.ZarrShardWriter._write_file
 
-    real = zarr_backend.ZarrShardWriter._write_block
-    monkeypatch.setattr(
-        zarr_backend.ZarrShardWriter,
-        "_write_block",
-        lambda self, name, block: (writes.append((name, len(block))), real(self, name, block)),
-    )
+    def spy(self, spec):
+        writes.append((spec.name, self._files[spec.name], len(self._chunks[spec.name])))
+        real(self, spec)
+
+    monkeypatch.setattr(zarr_backend.ZarrShardWriter, "_write_file", spy)
     with ShardWriter(root, "s-00000", split="train") as w:
         for r in recs:
             w.add(r)
     finalize(root)
-    logits = [n for name, n in writes if name == "teacher_logits"]
-    assert logits[:-1] == [12] * (len(logits) - 1) and sum(logits) == 4 * (2 + 3 + 1 + 3 + 1)
+    assert len({(name, k) for name, k, _ in writes}) == len(writes)  # every file once
+    logits = [n for name, _k, n in writes if name == "teacher_logits"]
+    assert logits == [3, 3, 3, 1] and sum(logits) == 2 + 3 + 1 + 3 + 1
     reader = open_cache(root)
-    arr = zarr.open_array(os.path.join(root, "shards", "s-00000.zarr", "teacher_logits"), mode="r")
+    shard = os.path.join(root, "shards", "s-00000.zarr")
+    plain = {
+        n: zarr.open_array(os.path.join(shard, n), mode="r")
+        for n in ("teacher_logits", "teacher_tokens", "embedding")
+    }
     for k, r in enumerate(recs):
-        s, n = reader.rows(k).teacher_start, reader.rows(k).teacher_count
-        np.testing.assert_array_equal(arr[s : s + n], reader[k].teacher_logits)
-        assert reader[k].num_masks == r.teacher_logits.shape[0]
+        rows, rec = reader.rows(k), reader[k]
+        s, n = rows.teacher_start, rows.teacher_count
+        np.testing.assert_array_equal(plain["teacher_logits"][s : s + n], rec.teacher_logits)
+        np.testing.assert_array_equal(plain["teacher_tokens"][s : s + n], rec.tokens)
+        np.testing.assert_array_equal(plain["embedding"][rows.local], rec.embedding)
+        assert rec.num_masks == r.teacher_logits.shape[0]
     assert verify_cache(root, progress=False).ok
 
 
@@ -228,10 +245,10 @@ def test_a_failed_write_is_one_error_and_leaves_nothing(
 
     from maskteacher.cache_format import zarr_backend
 
-    def full(self, name, block):
-        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(self.path, name))
+    def full(self, spec):
+        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(self.path, spec.name))
 
-    monkeypatch.setattr(zarr_backend.ZarrShardWriter, "_write_block", full)
+    monkeypatch.setattr(zarr_backend.ZarrShardWriter, "_write_file", full)
     root = tmp_path / "c"
     init_cache(root, make_header())
     message = "cannot write shard 's-00000': No space left on device"

@@ -197,12 +197,12 @@ def test_write_failures_are_one_line_and_leave_nothing(
     """Issue 11 item 13: disk full during precompute, a read-only or impossible output folder."""
     from maskteacher.cache_format import zarr_backend
 
-    def full(self, name, block):
-        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(self.path, name))
+    def full(self, spec):
+        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(self.path, spec.name))
 
     config = write_config(tmp_path, train=sample_root, checkpoint=teacher_ckpt)
     with monkeypatch.context() as m:
-        m.setattr(zarr_backend.ZarrShardWriter, "_write_block", full)
+        m.setattr(zarr_backend.ZarrShardWriter, "_write_file", full)
         assert run_cli(config) == 2
     err = capsys.readouterr().err
     assert (
