@@ -1,32 +1,38 @@
-"""The shareable teacher cache: schema, codecs, zarr v3 / HDF5 shards, manifest, reader, writer.
+"""The shareable teacher cache: schema, codecs, zarr v3 / HDF5 shards, index, manifest, reader,
+writer.
 
 Reads with numpy + zarr's codec libraries alone and imports nothing else from maskteacher.
 Receivers of a cache call :func:`open_cache`; precompute uses :func:`init_cache`,
-:class:`ShardWriter`, :func:`record_failure`, :func:`completed_ids` and :func:`finalize`.
-The on-disk layout is documented in ``docs/cache_format.md`` and stated in :mod:`.schema`.
+:class:`ShardWriter`, :func:`record_failure`, :func:`completed_ids` and :func:`finalize`; what a
+cache must match is :mod:`.identity`'s one list. The on-disk layout is documented in
+``docs/cache_format.md`` and stated in :mod:`.schema`.
 """
 
 from maskteacher.cache_format.codecs import dequantize_torch, logits_to_float
-from maskteacher.cache_format.errors import CacheError
-from maskteacher.cache_format.manifest import dataset_fingerprint
-from maskteacher.cache_format.reader import (
-    CacheReader,
-    RawRecord,
-    decode_many,
-    decode_raw,
-    open_cache,
+from maskteacher.cache_format.errors import CacheError, CacheMismatch
+from maskteacher.cache_format.identity import (
+    CONTENT_FIELDS,
+    GENERATION_KEYS,
+    LAYOUT_FIELDS,
+    OPTIONAL_GENERATION_KEYS,
+    Mismatch,
+    dataset_fingerprint,
+    expectation_mismatch,
+    header_mismatch,
 )
+from maskteacher.cache_format.manifest import Manifest
+from maskteacher.cache_format.raw import RawRecord, decode_many, decode_raw
+from maskteacher.cache_format.reader import CacheReader, open_cache
 from maskteacher.cache_format.schema import (
     DEFAULT_BACKEND,
     FORMAT_VERSION,
     CacheHeader,
     CacheRecord,
     Codec,
-    Manifest,
     StoreFlags,
 )
+from maskteacher.cache_format.shard_writer import ShardWriter
 from maskteacher.cache_format.writer import (
-    ShardWriter,
     completed_ids,
     finalize,
     init_cache,
@@ -35,14 +41,20 @@ from maskteacher.cache_format.writer import (
 )
 
 __all__ = [
+    "CONTENT_FIELDS",
     "DEFAULT_BACKEND",
     "FORMAT_VERSION",
+    "GENERATION_KEYS",
+    "LAYOUT_FIELDS",
+    "OPTIONAL_GENERATION_KEYS",
     "CacheError",
     "CacheHeader",
+    "CacheMismatch",
     "CacheReader",
     "CacheRecord",
     "Codec",
     "Manifest",
+    "Mismatch",
     "RawRecord",
     "ShardWriter",
     "StoreFlags",
@@ -51,7 +63,9 @@ __all__ = [
     "decode_many",
     "decode_raw",
     "dequantize_torch",
+    "expectation_mismatch",
     "finalize",
+    "header_mismatch",
     "init_cache",
     "logits_to_float",
     "new_shard_name",

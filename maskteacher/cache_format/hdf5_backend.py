@@ -6,10 +6,14 @@ compresses chunks itself and stores them with ``write_direct_chunk`` (h5py ships
 any HDF5 reader with the zstd plugin loaded (``import hdf5plugin``) reads the datasets directly,
 and plain h5py reads the raw chunks with ``dset.id.read_direct_chunk`` and decodes them with
 numcodecs (docs/cache_format.md shows how). The per-image table is the JSON text in the uint8
-dataset ``maskteacher_index``.
+dataset ``maskteacher_index`` (chunked, fletcher32: HDF5 checks it on every read).
 
-The reader asks h5py only where each chunk lies (``get_chunk_info_by_coord``) and reads the
-bytes itself, checking HDF5's fletcher32 before decoding.
+Files are written with the HDF5 1.10 file format (``libver=("v110", "v110")``, readable by HDF5
+>= 1.10): its superblock, object headers and chunk indexes carry checksums that HDF5 checks when
+it reads them. The default (earliest) format has none, which is why corrupted headers could be
+read without error; format-1 caches written that way are still read, and ``cache verify``'s
+sha256 covers them. The reader asks h5py only where each chunk lies
+(``get_chunk_info_by_coord``) and reads the bytes itself, checking fletcher32 before decoding.
 """
 
 from __future__ import annotations
@@ -22,14 +26,16 @@ import numpy as np
 
 from maskteacher.cache_format.codecs import ChunkCodec
 from maskteacher.cache_format.errors import CacheError
+from maskteacher.cache_format.jsonio import parse_json
 from maskteacher.cache_format.layout import ArraySpec, ChunkLocation
-from maskteacher.cache_format.manifest import parse_json
 from maskteacher.cache_format.schema import INDEX_KEY
 from maskteacher.cache_format.storage import ByteSource, LocalSource
 
 H5Z_FILTER_ZSTD = 32015
 H5Z_FILTER_SHUFFLE = 2
 H5Z_FILTER_FLETCHER32 = 3
+#: HDF5 file format of new shards: the first with checksummed metadata (HDF5 1.10).
+LIBVER = ("v110", "v110")
 
 
 class Hdf5ShardWriter:
@@ -41,7 +47,7 @@ class Hdf5ShardWriter:
         import h5py
 
         self.path = path
-        self._file = h5py.File(path, "w-")
+        self._file = h5py.File(path, "w-", libver=LIBVER)
         self._file.attrs["format"] = "maskteacher-cache shard"
 
     def create(self, spec: ArraySpec) -> None:
@@ -70,8 +76,10 @@ class Hdf5ShardWriter:
             dset.id.write_direct_chunk((start + k, *zeros), spec.codec.encode(chunk))
 
     def close(self, index: dict[str, Any]) -> None:
-        text = json.dumps(index, separators=(",", ":")).encode()
-        self._file.create_dataset(INDEX_KEY, data=np.frombuffer(text, np.uint8))
+        text = np.frombuffer(json.dumps(index, separators=(",", ":")).encode(), np.uint8)
+        self._file.create_dataset(
+            INDEX_KEY, data=text, chunks=(min(max(text.size, 1), 1 << 20),), fletcher32=True
+        )
         self._file.close()
 
     def abort(self) -> None:
@@ -82,13 +90,18 @@ class Hdf5ShardWriter:
 class Hdf5ShardReader:
     """Locates chunks of a finished ``.h5`` shard; opens the file anew in each process."""
 
-    def __init__(self, source: ByteSource, shard_rel: str) -> None:
+    def __init__(
+        self,
+        source: ByteSource,
+        shard_rel: str,
+        specs: dict[str, ArraySpec] | None = None,
+        digests: dict[str, str] | None = None,
+    ) -> None:
         self.source = source
         self.shard_rel = shard_rel
         self._pid = -1
         self._file: Any = None
         self._stale: list[Any] = []  # handles inherited through fork: never touched again
-        self._rows: dict[str, int] = {}
         self._locations: dict[tuple[str, int], ChunkLocation] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -97,6 +110,10 @@ class Hdf5ShardReader:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["source"], state["shard_rel"])  # type: ignore[misc]
 
+    @property
+    def where(self) -> str:
+        return self.source.describe(self.shard_rel)
+
     def _h5(self) -> Any:
         import h5py
 
@@ -104,29 +121,31 @@ class Hdf5ShardReader:
             return self._file
         if self._file is not None:
             self._stale.append(self._file)
-        where = self.source.describe(self.shard_rel)
         try:
             if isinstance(self.source, LocalSource):
                 self._file = h5py.File(self.source.path(self.shard_rel), "r")
             else:
                 self._file = h5py.File(self.source.open_binary(self.shard_rel), "r")
         except FileNotFoundError:
-            raise CacheError(f"missing file {where}") from None
+            raise CacheError(f"missing file {self.where}") from None
         except OSError as exc:
-            raise CacheError(f"{where}: not a readable HDF5 file ({exc})") from None
+            raise CacheError(f"{self.where}: not a readable HDF5 file ({exc})") from None
         self._pid = os.getpid()
         return self._file
 
     def read_index(self) -> Any:
         f = self._h5()
         if INDEX_KEY not in f:
-            raise CacheError(
-                f"{self.source.describe(self.shard_rel)}: HDF5 shard has no {INDEX_KEY!r} dataset"
-            )
-        return parse_json(f[INDEX_KEY][()].tobytes(), self.source.describe(self.shard_rel))
+            raise CacheError(f"{self.where}: HDF5 shard has no {INDEX_KEY!r} dataset")
+        try:
+            raw = f[INDEX_KEY][()].tobytes()
+        except OSError as exc:  # HDF5 found a checksum (fletcher32 / metadata) mismatch
+            raise CacheError(f"{self.where}: cannot read {INDEX_KEY!r} ({exc})") from None
+        return parse_json(raw, self.where)
 
     def array_spec(self, name: str, expected: ArraySpec) -> ArraySpec:
-        where = f"{self.source.describe(self.shard_rel)}:/{name}"
+        """Check dataset ``name`` against ``expected`` (dtype, rows, filters); the stored spec."""
+        where = f"{self.where}:/{name}"
         f = self._h5()
         if name not in f:
             raise CacheError(f"{where}: dataset is missing")
@@ -151,38 +170,33 @@ class Hdf5ShardReader:
         codec = ChunkCodec(
             "shuffle+zstd" if shuffle else "zstd", "fletcher32", level, dtype.itemsize
         )
-        self._rows[name] = len(dset.shape) - 1
         return ArraySpec(name, expected.dtype, expected.row_shape, int(dset.chunks[0]), codec)
 
     def locate(self, name: str, chunk: int) -> ChunkLocation:
         key = (name, chunk)
         loc = self._locations.get(key)
         if loc is None:
-            dset = self._h5()[name]
-            coord = (chunk * dset.chunks[0], *([0] * self._rows[name]))
-            if coord[0] >= dset.shape[0]:
-                raise CacheError(
-                    f"{self.source.describe(self.shard_rel)}: chunk {chunk} of {name!r} is past the dataset end"
-                )
-            try:
-                info = dset.id.get_chunk_info_by_coord(coord)
-            except (ValueError, RuntimeError, KeyError) as exc:
-                raise CacheError(
-                    f"{self.source.describe(self.shard_rel)}: chunk {chunk} of {name!r}: {exc}"
-                ) from None
-            if info.byte_offset is None:
-                raise CacheError(
-                    f"{self.source.describe(self.shard_rel)}: chunk {chunk} of {name!r} is missing"
-                )
-            if info.filter_mask != 0:
-                raise CacheError(
-                    f"{self.source.describe(self.shard_rel)}: chunk {chunk} of {name!r} skipped filters"
-                )
-            loc = ChunkLocation(self.shard_rel, int(info.byte_offset), int(info.size))
-            self._locations[key] = loc
+            loc = self._locations[key] = self._find(name, chunk)
         return loc
+
+    def _find(self, name: str, chunk: int) -> ChunkLocation:
+        what = f"{self.where}: chunk {chunk} of {name!r}"
+        try:
+            dset = self._h5()[name]
+            coord = (chunk * dset.chunks[0], *([0] * (len(dset.shape) - 1)))
+            if coord[0] >= dset.shape[0]:
+                raise CacheError(f"{what} is past the dataset end")
+            info = dset.id.get_chunk_info_by_coord(coord)
+        except (ValueError, RuntimeError, KeyError, OSError) as exc:
+            raise CacheError(f"{what}: {exc}") from None
+        if info.byte_offset is None:
+            raise CacheError(f"{what} is missing")
+        if info.filter_mask != 0:
+            raise CacheError(f"{what} skipped filters")
+        return ChunkLocation(self.shard_rel, int(info.byte_offset), int(info.size))
 
     def close(self) -> None:
         if self._file is not None and self._pid == os.getpid():
             self._file.close()
         self._file = None
+        self._locations.clear()

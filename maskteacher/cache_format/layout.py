@@ -1,49 +1,41 @@
-"""Row arrays of a shard and how their chunks are found, shared by both backends.
+"""Row arrays bound to their byte codecs, and how their chunks are found, for both backends.
 
-A *row array* has shape (rows, *row_shape) and is chunked along rows only, ``chunk_rows`` rows
-per chunk; images start on chunk boundaries (see schema.py). A backend supplies, for chunk ``j``
-of an array, the file and byte range holding its stored bytes (:class:`ChunkLocation`); the
-reader fetches those bytes and decodes them with the array's :class:`ChunkCodec`.
+:mod:`.schema` states which arrays a shard holds and their dtypes and row shapes; this module
+adds the chunk byte pipeline (:class:`~maskteacher.cache_format.codecs.ChunkCodec`) a backend
+uses for each, as an :class:`ArraySpec`. A backend supplies, for chunk ``j`` of an array, the
+file and byte range holding its stored bytes (:class:`ChunkLocation`); the reader fetches those
+bytes and decodes them with the array's codec. A format-2 manifest records the specs of every
+array (``layout``), so readers need no per-shard metadata to read.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-from maskteacher.cache_format.codecs import ChunkCodec, packed_row_bytes
+from maskteacher.cache_format.codecs import ChunkCodec
 from maskteacher.cache_format.errors import CacheError
-from maskteacher.cache_format.schema import (
-    EMBEDDING,
-    GT_MASKS,
-    META_COLUMNS,
-    TEACHER_LOGITS,
-    TEACHER_META,
-    TEACHER_TOKENS,
-    CacheHeader,
-)
+from maskteacher.cache_format.jsonio import as_dict, get
+from maskteacher.cache_format.schema import ARRAYS, DATA_DIM_ARRAYS, CacheHeader, row_format
 
-#: Which CSR row space each array uses: per teacher mask, per GT mask, or per image.
-ROW_SPACE = {
-    TEACHER_LOGITS: "teacher",
-    TEACHER_META: "teacher",
-    TEACHER_TOKENS: "teacher",
-    GT_MASKS: "gt",
-    EMBEDDING: "image",
-}
+#: Raw bytes aimed at per zarr shard file (a zarr shard holds whole chunks, at most 1024).
+TARGET_FILE_BYTES = 32 * 2**20
+MAX_CHUNKS_PER_FILE = 1024
 
 
 @dataclass(frozen=True)
 class ArraySpec:
-    """One row array: dtype, shape of a row, rows per chunk, and its chunk byte codec."""
+    """One row array: dtype, shape of a row, rows per chunk, its chunk byte codec and (zarr) how
+    many chunks one storage file holds."""
 
     name: str
     dtype: str
     row_shape: tuple[int, ...]
     chunk_rows: int
     codec: ChunkCodec
+    chunks_per_file: int = 1
 
     @property
     def row_nbytes(self) -> int:
@@ -52,6 +44,35 @@ class ArraySpec:
     @property
     def chunk_shape(self) -> tuple[int, ...]:
         return (self.chunk_rows, *self.row_shape)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dtype": self.dtype,
+            "row_shape": list(self.row_shape),
+            "chunk_rows": self.chunk_rows,
+            "chunks_per_file": self.chunks_per_file,
+            "codec": {**self.codec.to_json(), "itemsize": self.codec.itemsize},
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> ArraySpec:
+        name = where.rsplit(".", 1)[-1]
+        d = as_dict(data, where)
+        c = as_dict(get(d, "codec", dict, where), f"{where}: codec")
+        codec = ChunkCodec(
+            get(c, "compressor", str, where),
+            get(c, "integrity", str, where),
+            get(c, "level", int, where),
+            get(c, "itemsize", int, where),
+        )
+        shape = tuple(get(d, "row_shape", list, where))
+        rows, per_file = get(d, "chunk_rows", int, where), get(d, "chunks_per_file", int, where)
+        bad = any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in shape)
+        if bad or rows < 1 or per_file < 1:
+            raise CacheError(f"{where}: bad row shape / chunk rows {shape} / {rows} / {per_file}")
+        return cls(
+            name, str(np.dtype(get(d, "dtype", str, where)).str), shape, rows, codec, per_file
+        )
 
 
 @dataclass(frozen=True)
@@ -71,40 +92,34 @@ def chunk_codec(backend: str, dtype: str, level: int) -> ChunkCodec:
     """The chunk byte pipeline a backend uses for a dtype (see codecs.py)."""
     itemsize = np.dtype(dtype).itemsize
     shuffled = np.dtype(dtype) == np.float16
-    if backend == "zarr":
-        return ChunkCodec("blosc-zstd-shuffle" if shuffled else "zstd", "crc32c", level, itemsize)
+    if backend == "zarr":  # blosc's levels stop at 9
+        if shuffled:
+            return ChunkCodec("blosc-zstd-shuffle", "crc32c", min(level, 9), itemsize)
+        return ChunkCodec("zstd", "crc32c", level, itemsize)
     return ChunkCodec("shuffle+zstd" if shuffled else "zstd", "fletcher32", level, itemsize)
 
 
-def array_specs(
-    header: CacheHeader, *, token_dim: int | None, embed_dim: int | None
-) -> dict[str, ArraySpec]:
-    """The arrays a shard written with ``header`` holds (optional ones only when stored)."""
-    low = header.low_res
-    rows = int(header.rows_per_chunk)
-    level = int(header.codec.zstd_level)
-    be = header.backend
+def chunks_per_file(backend: str, chunk_rows: int, row_nbytes: int) -> int:
+    """Chunks per zarr shard file (about :data:`TARGET_FILE_BYTES` raw); 1 for HDF5."""
+    if backend != "zarr":
+        return 1
+    per_chunk = max(chunk_rows * row_nbytes, 1)
+    return int(max(1, min(MAX_CHUNKS_PER_FILE, TARGET_FILE_BYTES // per_chunk)))
 
-    def spec(
-        name: str, dtype: str, row_shape: tuple[int, ...], chunk_rows: int = rows
-    ) -> ArraySpec:
-        return ArraySpec(name, dtype, row_shape, chunk_rows, chunk_codec(be, dtype, level))
 
+def array_specs(header: CacheHeader, dims: dict[str, int]) -> dict[str, ArraySpec]:
+    """The arrays a shard written with ``header`` holds (:data:`~.schema.ARRAYS` whose store flag
+    is set); ``dims`` gives the channel count C of the arrays in :data:`~.schema.DATA_DIM_ARRAYS`."""
     out: dict[str, ArraySpec] = {}
-    if header.store.teacher:
-        out[TEACHER_LOGITS] = spec(TEACHER_LOGITS, header.codec.stored_dtype.str, (low, low))
-        out[TEACHER_META] = spec(TEACHER_META, "<f4", (len(META_COLUMNS),))
-        if header.store.tokens:
-            if token_dim is None:
-                raise CacheError("store.tokens is set but the record has no tokens")
-            out[TEACHER_TOKENS] = spec(TEACHER_TOKENS, "<f2", (int(token_dim),))
-    if header.store.gt:
-        out[GT_MASKS] = spec(GT_MASKS, "|u1", (packed_row_bytes(low),))
-    if header.store.embedding:
-        if embed_dim is None:
-            raise CacheError("store.embedding is set but the record has no embedding")
-        e = header.embed_size
-        out[EMBEDDING] = spec(EMBEDDING, "<f2", (int(embed_dim), e, e), 1)
+    for array in ARRAYS:
+        if not getattr(header.store, array.store):
+            continue
+        dim = dims.get(array.name) if array.name in DATA_DIM_ARRAYS else None
+        dtype, row_shape, rows = row_format(header, array.name, dim)
+        codec = chunk_codec(header.backend, dtype, int(header.codec.zstd_level))
+        row_nbytes = np.dtype(dtype).itemsize * int(np.prod(row_shape))
+        per_file = chunks_per_file(header.backend, rows, row_nbytes)
+        out[array.name] = ArraySpec(array.name, dtype, row_shape, rows, codec, per_file)
     return out
 
 

@@ -2,10 +2,16 @@
 codec libraries in (never torch, never zarr/h5py array machinery on the hot path).
 
 ``reader[i]`` / ``reader[image_id]`` -> :class:`CacheRecord` (decoded, stored logit dtype).
-For DataLoader workers there is a cheaper split: ``reader.read_raw(i)`` returns a
-:class:`RawRecord` (the compressed chunk bytes, ~0.2 MB per image, cheap to pass between
-processes) and :func:`decode_raw` turns it into the record wherever that is wanted
-(docs/cache_format.md, "Reading in a DataLoader").
+In a DataLoader, workers call ``reader.read_raw(i, fields=...)`` (compressed bytes of only the
+arrays those fields live in) and the main process decodes the batch with
+:func:`~maskteacher.cache_format.raw.decode_many` (docs/cache_format.md, "Reading in a
+DataLoader"). Memory stays flat however large the cache: the index is memory-mapped numpy
+columns (shared between worker processes, never copied), at most ``max_open_shards`` shard
+readers are kept (least recently used are closed) and file descriptors are bounded too.
+
+``verify_shards=True`` checks the sha256 of every file of a shard the first time this process
+reads from it (and refuses the shard from then on if one fails): ``cache.verify_on_open`` for a
+run, paid for the shards the run actually reads, as it reads them.
 
 Handles are per process: a reader opened before a fork reopens its files in the child.
 """
@@ -13,329 +19,123 @@ Handles are per process: a reader opened before a fork reopens its files in the 
 from __future__ import annotations
 
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from maskteacher.cache_format.codecs import ChunkError, unpack_masks
+from maskteacher.cache_format.checks import shard_file_problems
 from maskteacher.cache_format.errors import CacheError
-from maskteacher.cache_format.hdf5_backend import Hdf5ShardReader
-from maskteacher.cache_format.layout import ROW_SPACE, ArraySpec, ChunkLocation, array_specs
-from maskteacher.cache_format.manifest import (
-    HEADER_NAME,
-    MANIFEST_NAME,
-    check_expect,
-    check_relative_path,
-    parse_json,
-)
-from maskteacher.cache_format.schema import (
-    EMBEDDING,
-    GT_MASKS,
-    TEACHER_LOGITS,
-    TEACHER_META,
-    TEACHER_TOKENS,
-    CacheHeader,
-    CacheRecord,
-    Manifest,
-    ShardEntry,
-    ShardIndex,
-    empty_teacher,
-)
+from maskteacher.cache_format.identity import check_expect
+from maskteacher.cache_format.index import CacheIndex, IdView, build_columns, id_hash
+from maskteacher.cache_format.manifest import Manifest, ShardEntry, load_manifest, load_sidecar
+from maskteacher.cache_format.paths import MANIFEST_NAME, sidecar_rel_path
+from maskteacher.cache_format.raw import ARRAY_FIELDS, RawRecord, arrays_for, decode_raw
+from maskteacher.cache_format.schema import SHARD_SUFFIX, SPLITS, CacheRecord
+from maskteacher.cache_format.shard_reader import ImageRows, ShardReader
 from maskteacher.cache_format.storage import ByteSource, make_source
-from maskteacher.cache_format.zarr_backend import ZarrShardReader
 
-BACKEND_READERS = {"zarr": ZarrShardReader, "hdf5": Hdf5ShardReader}
-
-
-@dataclass
-class RawField:
-    """The stored chunks of one array for one image: ``blob[a:b]`` for each chunk's span."""
-
-    spec: ArraySpec
-    count: int
-    blob: bytes
-    spans: list[tuple[int, int]]
+#: Shard readers a cache reader keeps open (least recently used beyond this are closed).
+MAX_OPEN_SHARDS = 32
 
 
-@dataclass
-class RawRecord:
-    """Compressed form of one :class:`CacheRecord` (picklable; decode with :func:`decode_raw`)."""
+class SplitView(Sequence):
+    """The split of every image of a reader, as a read-only sequence of str."""
 
-    image_id: str
-    split: str
-    shard: str
-    orig_hw: tuple[int, int]
-    input_hw: tuple[int, int]
-    source: str | None
-    low_res: int
-    logit_dtype: str
-    fields: dict[str, RawField]
+    def __init__(self, codes: np.ndarray) -> None:
+        self._codes = codes
 
-    @property
-    def nbytes(self) -> int:
-        return sum(len(f.blob) for f in self.fields.values())
+    def __len__(self) -> int:
+        return int(self._codes.size)
 
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [SPLITS[int(c)] for c in self._codes[i]]
+        return SPLITS[int(self._codes[i])]
 
-def decode_raw(raw: RawRecord) -> CacheRecord:
-    """Check and decompress a :class:`RawRecord`; CacheError naming shard and image on failure."""
-    arrays = {name: _decode_field(raw, name, f) for name, f in raw.fields.items()}
-    low = raw.low_res
-    if TEACHER_LOGITS in arrays:
-        meta = arrays[TEACHER_META]
-        teacher = {
-            "teacher_logits": arrays[TEACHER_LOGITS],
-            "teacher_points": np.ascontiguousarray(meta[:, 0:2]),
-            "teacher_iou": np.ascontiguousarray(meta[:, 2]),
-            "teacher_stability": np.ascontiguousarray(meta[:, 3]),
-            "teacher_boxes": np.ascontiguousarray(meta[:, 4:8]),
-        }
-    else:
-        teacher = empty_teacher(low, np.dtype(raw.logit_dtype))
-    if GT_MASKS in arrays:
-        gt = unpack_masks(arrays[GT_MASKS], low)
-    else:
-        gt = np.zeros((0, low, low), np.bool_)
-    emb = arrays.get(EMBEDDING)
-    return CacheRecord(
-        image_id=raw.image_id,
-        split=raw.split,
-        orig_hw=np.asarray(raw.orig_hw, np.int64),
-        input_hw=np.asarray(raw.input_hw, np.int64),
-        gt_masks=gt,
-        embedding=None if emb is None else emb[0],
-        tokens=arrays.get(TEACHER_TOKENS),
-        source=raw.source,
-        **teacher,
-    )
-
-
-def decode_many(raws: list[RawRecord], *, threads: int = 2) -> list[CacheRecord]:
-    """Decode several raw records, ``threads`` at a time (zstd releases the GIL, so a batch
-    decodes in parallel inside one process); order is kept."""
-    if threads <= 1 or len(raws) <= 1:
-        return [decode_raw(r) for r in raws]
-    global _POOL
-    if _POOL is None or _POOL[0] != (os.getpid(), threads):
-        _POOL = (
-            (os.getpid(), threads),
-            ThreadPoolExecutor(threads, thread_name_prefix="cache-decode"),
-        )
-    return list(_POOL[1].map(decode_raw, raws))
-
-
-_POOL: tuple[tuple[int, int], ThreadPoolExecutor] | None = None
-
-
-def _decode_field(raw: RawRecord, name: str, f: RawField) -> np.ndarray:
-    """Decode a field's chunks into an array of exactly ``count`` rows (the padding rows of the
-    last chunk go to a small per-thread scratch buffer and are dropped)."""
-    spec = f.spec
-    dtype = np.dtype(spec.dtype)
-    k = spec.chunk_rows
-    out = np.empty((f.count, *spec.row_shape), dtype)
-    blob = memoryview(f.blob)
-    for j, (a, b) in enumerate(f.spans):
-        rows = min(k, f.count - j * k)
-        target = out[j * k : j * k + rows] if rows == k else _scratch(spec)
-        try:
-            spec.codec.decode_into(blob[a:b], target)
-        except ChunkError as exc:
-            raise CacheError(
-                f"shard {raw.shard}: image {raw.image_id!r}: {name} chunk {j} is corrupt ({exc})"
-            ) from None
-        if rows != k:
-            out[j * k :] = target[:rows]
-    return out
-
-
-_SCRATCH = threading.local()
-
-
-def _scratch(spec: ArraySpec) -> np.ndarray:
-    """A reusable chunk-sized buffer for this thread (and process: forked children get a copy)."""
-    shape = spec.chunk_shape
-    key = (shape, spec.dtype)
-    buffers = getattr(_SCRATCH, "buffers", None)
-    if buffers is None:
-        buffers = _SCRATCH.buffers = {}
-    buf = buffers.get(key)
-    if buf is None:
-        buf = buffers[key] = np.empty(shape, np.dtype(spec.dtype))
-    return buf
-
-
-class ShardReader:
-    """One finished shard: its per-image index, array layout and chunk bytes."""
-
-    def __init__(self, source: ByteSource, entry: ShardEntry, header: CacheHeader) -> None:
-        self.source = source
-        self.entry = entry
-        self.header = header
-        self.backend = BACKEND_READERS[entry.backend](source, entry.path)
-        self._index: ShardIndex | None = None
-        self._specs: dict[str, ArraySpec] | None = None
-
-    @property
-    def where(self) -> str:
-        return self.entry.path
-
-    def index(self) -> ShardIndex:
-        if self._index is None:
-            idx = ShardIndex.from_json(
-                self.backend.read_index(), self.source.describe(self.entry.path)
-            )
-            if idx.split != self.entry.split:
-                raise CacheError(
-                    f"shard {self.where}: index says split {idx.split!r}, manifest says {self.entry.split!r}"
-                )
-            if idx.image_id != self.entry.image_ids:
-                raise CacheError(
-                    f"shard {self.where}: its image ids differ from the manifest's list"
-                )
-            self._index = idx
-        return self._index
-
-    def specs(self) -> dict[str, ArraySpec]:
-        if self._specs is None:
-            idx = self.index()
-            expected = array_specs(self.header, token_dim=1, embed_dim=1)
-            specs = {}
-            for name, exp in expected.items():
-                if name in (TEACHER_TOKENS, EMBEDDING):
-                    if not len(idx):
-                        continue
-                    exp = self._with_data_dim(name, exp)
-                specs[name] = self.backend.array_spec(name, exp)
-            self._specs = specs
-        return self._specs
-
-    def _with_data_dim(self, name: str, exp: ArraySpec) -> ArraySpec:
-        """Tokens and embeddings take their channel count C from the data: read it from the shard."""
-        dim = self.index().dims.get(name)
-        if dim is None:
-            raise CacheError(
-                f"shard {self.where}: index does not record the channel count of {name!r}"
-            )
-        shape = (dim,) if name == TEACHER_TOKENS else (dim, *exp.row_shape[1:])
-        return ArraySpec(name, exp.dtype, shape, exp.chunk_rows, exp.codec)
-
-    def plan(self, local: int) -> list[tuple[ArraySpec, int, list[ChunkLocation]]]:
-        """For image ``local`` of this shard: each stored array's spec, row count and the chunk
-        locations to read (whole chunks; rows past the count are padding)."""
-        idx = self.index()
-        out = []
-        for name, spec in self.specs().items():
-            space = ROW_SPACE[name]
-            if space == "image":
-                start, count = local, 1
-            elif space == "teacher":
-                start, count = idx.teacher_start[local], idx.teacher_count[local]
-            else:
-                start, count = idx.gt_start[local], idx.gt_count[local]
-            if start % spec.chunk_rows:
-                raise CacheError(f"{name} rows start at {start}, not on a chunk boundary")
-            first = start // spec.chunk_rows
-            chunks = range(first, first + -(-count // spec.chunk_rows))
-            out.append((spec, count, [self.backend.locate(name, j) for j in chunks]))
-        return out
-
-    def read_raw(self, local: int) -> RawRecord:
-        """The stored bytes of image ``local``; CacheError names the shard and the image."""
-        image_id = self.entry.image_ids[local]
-        try:
-            idx = self.index()
-            fields = {
-                spec.name: self._fetch(spec, count, locs) for spec, count, locs in self.plan(local)
-            }
-        except CacheError as exc:
-            raise CacheError(f"shard {self.where}: image {image_id!r}: {exc}") from None
-        return RawRecord(
-            image_id=image_id,
-            split=idx.split,
-            shard=self.where,
-            orig_hw=(int(idx.orig_hw[local][0]), int(idx.orig_hw[local][1])),
-            input_hw=(int(idx.input_hw[local][0]), int(idx.input_hw[local][1])),
-            source=idx.source[local],
-            low_res=self.header.low_res,
-            logit_dtype=self.header.codec.stored_dtype.str,
-            fields=fields,
-        )
-
-    def _fetch(self, spec: ArraySpec, count: int, locs: list[ChunkLocation]) -> RawField:
-        if not locs:
-            return RawField(spec, count, b"", [])
-        lo = min(loc.offset for loc in locs)
-        hi = max(loc.offset + loc.nbytes for loc in locs)
-        if len({loc.file for loc in locs}) == 1 and hi - lo <= 2 * sum(loc.nbytes for loc in locs):
-            blob = self.source.read(locs[0].file, lo, hi)
-            spans = [(loc.offset - lo, loc.offset - lo + loc.nbytes) for loc in locs]
-        else:  # chunks far apart or in several zarr shard files: one read each
-            parts, spans, pos = [], [], 0
-            for loc in locs:
-                parts.append(self.source.read(loc.file, loc.offset, loc.offset + loc.nbytes))
-                spans.append((pos, pos + loc.nbytes))
-                pos += loc.nbytes
-            blob = b"".join(parts)
-        return RawField(spec, count, blob, spans)
-
-    def close(self) -> None:
-        self.backend.close()
+    def __iter__(self) -> Iterator[str]:
+        return (SPLITS[int(c)] for c in self._codes)
 
 
 class CacheReader:
     """Random access to the images of a cache (one split, or all splits).
 
-    ``len(reader)``, ``reader.image_ids``, ``reader.splits`` (per item), ``reader[i]``,
-    ``reader[image_id]`` (when the id is unique across the opened splits), ``reader.read_raw(i)``.
-    Safe to pass to DataLoader workers (fork or spawn): handles are reopened per process.
+    ``len(reader)``, ``reader.image_ids`` / ``reader.splits`` (sequences, decoded on access),
+    ``reader[i]``, ``reader[image_id]`` (when the id is unique across the opened splits),
+    ``reader.index_of(id, split)``, ``reader.positions_of(ids, split)``,
+    ``reader.read_raw(i, fields=...)``, ``reader.cache_id``. Safe to pass to DataLoader workers
+    (fork or spawn): handles are reopened per process.
     """
 
-    def __init__(self, source: ByteSource, manifest: Manifest, split: str | None = None) -> None:
+    def __init__(
+        self,
+        source: ByteSource,
+        manifest: Manifest,
+        index: CacheIndex,
+        split: str | None = None,
+        *,
+        verify_shards: bool = False,
+        max_open_shards: int = MAX_OPEN_SHARDS,
+    ) -> None:
         self.source = source
         self.manifest = manifest
         self.header = manifest.header
+        self.index = index
         self.split = split
-        self._items: list[tuple[int, int]] = []
-        self.image_ids: list[str] = []
-        self.splits: list[str] = []
-        self._by_id: dict[str, list[int]] = {}
-        seen: dict[tuple[str, str], str] = {}
-        for k, entry in enumerate(manifest.shards):
-            check_relative_path(entry.path, f"{MANIFEST_NAME}: shards[{k}].path")
-            if entry.backend != self.header.backend:
-                raise CacheError(
-                    f"{MANIFEST_NAME}: shard {entry.path} has backend {entry.backend!r}, the cache {self.header.backend!r}"
-                )
-            if split is not None and entry.split != split:
-                continue
-            for local, image_id in enumerate(entry.image_ids):
-                key = (entry.split, image_id)
-                if key in seen:
-                    raise CacheError(
-                        f"{MANIFEST_NAME}: image {image_id!r} ({entry.split}) is in shards {seen[key]} and {entry.path}"
-                    )
-                seen[key] = entry.path
-                self._by_id.setdefault(image_id, []).append(len(self._items))
-                self._items.append((k, local))
-                self.image_ids.append(image_id)
-                self.splits.append(entry.split)
-        self._shards: dict[int, ShardReader] = {}
+        codes = index.col("split")
+        self.positions = None if split is None else np.flatnonzero(codes == SPLITS.index(split))
+        self.verify_shards = verify_shards
+        self.max_open_shards = max_open_shards
+        self._state = np.zeros(len(manifest.shards), np.int8)  # shard checks: 0 todo, 1 ok, 2 bad
+        self._problems: dict[int, str] = {}
+        self._shards: OrderedDict[int, ShardReader] = OrderedDict()
+        self._cache_id: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_shards"] = {}
+        state["_shards"] = OrderedDict()
         return state
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self.index) if self.positions is None else int(self.positions.size)
+
+    @property
+    def image_ids(self) -> IdView:
+        return IdView(self.index, self.positions)
+
+    @property
+    def splits(self) -> SplitView:
+        codes = self.index.col("split")
+        return SplitView(codes if self.positions is None else codes[self.positions])
+
+    @property
+    def cache_id(self) -> str:
+        """Stable id of the cache's content (see :meth:`Manifest.cache_id`)."""
+        if self._cache_id is None:
+            self._cache_id = self.manifest.cache_id()
+        return self._cache_id
+
+    # -- positions -----------------------------------------------------------------------------
+
+    def _global(self, i: int) -> int:
+        return i if self.positions is None else int(self.positions[i])
+
+    def _local_positions(self, globals_: list[int], split: str | None) -> list[int]:
+        codes = self.index.col("split")
+        hits = [p for p in globals_ if split is None or SPLITS[int(codes[p])] == split]
+        if self.positions is None:
+            return hits
+        where = np.searchsorted(self.positions, hits)
+        return [
+            int(w)
+            for w, p in zip(where, hits)
+            if w < self.positions.size and self.positions[w] == p
+        ]
 
     def index_of(self, image_id: str, split: str | None = None) -> int:
-        hits = [
-            i for i in self._by_id.get(image_id, []) if split is None or self.splits[i] == split
-        ]
+        """The position of ``image_id`` (in ``split``); CacheError when absent or ambiguous."""
+        hits = self._local_positions(self.index.find(image_id), split)
         if not hits:
             raise CacheError(f"image {image_id!r} is not in the cache {self.source.describe()}")
         if len(hits) > 1:
@@ -343,6 +143,27 @@ class CacheReader:
                 f"image {image_id!r} is in several splits of the cache: open it with split=..."
             )
         return hits[0]
+
+    def positions_of(self, image_ids: Iterable[str], split: str | None = None) -> np.ndarray:
+        """(len(ids),) int64 positions of many ids (-1 where absent; ``split`` picks one split)."""
+        ids = list(image_ids)
+        hashes = self.index.col("lookup.hash")
+        order = self.index.col("lookup.order")
+        want = np.array([id_hash(i) for i in ids], np.uint64)
+        lo, hi = np.searchsorted(hashes, want, "left"), np.searchsorted(hashes, want, "right")
+        out = np.full(len(ids), -1, np.int64)
+        for k, image_id in enumerate(ids):
+            cands = [
+                int(p) for p in order[lo[k] : hi[k]] if self.index.image_id(int(p)) == image_id
+            ]
+            hits = self._local_positions(sorted(cands), split)
+            if len(hits) > 1:
+                raise CacheError(
+                    f"image {image_id!r} is in several splits of the cache: pass split=..."
+                )
+            if hits:
+                out[k] = hits[0]
+        return out
 
     def _position(self, key: int | str) -> int:
         if isinstance(key, str):
@@ -352,21 +173,93 @@ class CacheReader:
             raise IndexError(f"index {i} out of range for a cache of {len(self)} images")
         return i % len(self)
 
+    # -- shards --------------------------------------------------------------------------------
+
     def shard_reader(self, k: int) -> ShardReader:
+        """Reader of shard ``k`` (kept in a small LRU)."""
         reader = self._shards.get(k)
-        if reader is None:
-            reader = ShardReader(self.source, self.manifest.shards[k], self.header)
-            self._shards[k] = reader
+        if reader is not None:
+            self._shards.move_to_end(k)
+            return reader
+        reader = self._shards[k] = ShardReader(
+            self.source, self.manifest.shards[k], self.header, self.manifest.layout
+        )
+        while len(self._shards) > self.max_open_shards:
+            self._shards.popitem(last=False)[1].close()
         return reader
 
-    def locate(self, key: int | str) -> tuple[ShardReader, int]:
-        """The shard reader holding an image and the image's position in that shard."""
-        k, local = self._items[self._position(key)]
-        return self.shard_reader(k), local
+    def shard_entry(self, k: int) -> ShardEntry:
+        """Shard ``k``'s full entry (file list, image ids): its sidecar (format 2, sha256-checked)."""
+        entry = self.manifest.shards[k]
+        if entry.files is not None:
+            return entry
+        return load_sidecar(
+            self.source, entry, sidecar_rel_path(entry.path, SHARD_SUFFIX[entry.backend])
+        )
 
-    def read_raw(self, key: int | str) -> RawRecord:
-        shard, local = self.locate(key)
-        return shard.read_raw(local)
+    def check_shard(self, k: int) -> None:
+        """Check the sha256 of every file of shard ``k`` once per process; CacheError if bad."""
+        if self._state[k] == 1:
+            return
+        entry = self.manifest.shards[k]
+        if self._state[k] == 0:
+            try:
+                problems = shard_file_problems(self.source, self.shard_entry(k), unlisted=False)
+            except CacheError as exc:
+                problems = [str(exc)]
+            self._state[k] = 2 if problems else 1
+            if problems:
+                self._problems[k] = problems[0]
+        if self._state[k] == 2:
+            raise CacheError(f"shard {entry.path} failed verification: {self._problems[k]}")
+
+    def rows(self, p: int) -> ImageRows:
+        col = self.index.col
+        return ImageRows(
+            int(col("local")[p]),
+            int(col("teacher_start")[p]),
+            int(col("teacher_count")[p]),
+            int(col("gt_start")[p]),
+            int(col("gt_count")[p]),
+        )
+
+    def locate(self, key: int | str) -> tuple[ShardReader, ImageRows]:
+        """The shard reader holding an image and the image's rows in that shard."""
+        p = self._global(self._position(key))
+        return self.shard_reader(int(self.index.col("shard")[p])), self.rows(p)
+
+    # -- records -------------------------------------------------------------------------------
+
+    def read_raw(self, key: int | str, fields: Iterable[str] | None = None) -> RawRecord:
+        """The compressed bytes of one image (``fields``: record fields to fetch, default all);
+        CacheError names the shard and the image."""
+        wanted = frozenset(ARRAY_FIELDS if fields is None else fields)
+        arrays = arrays_for(wanted)
+        p = self._global(self._position(key))
+        index = self.index
+        k = int(index.col("shard")[p])
+        entry = self.manifest.shards[k]
+        image_id = index.image_id(p)
+        try:
+            if self.verify_shards:
+                self.check_shard(k)
+            fetched = self.shard_reader(k).fetch(self.rows(p), arrays)
+        except CacheError as exc:
+            text = str(exc).removeprefix(f"shard {entry.path}: ")
+            raise CacheError(f"shard {entry.path}: image {image_id!r}: {text}") from None
+        orig, inp = index.col("orig_hw")[p], index.col("input_hw")[p]
+        return RawRecord(
+            image_id=image_id,
+            split=SPLITS[int(index.col("split")[p])],
+            shard=entry.path,
+            orig_hw=(int(orig[0]), int(orig[1])),
+            input_hw=(int(inp[0]), int(inp[1])),
+            source=index.source_of(p),
+            low_res=self.header.low_res,
+            logit_dtype=self.header.codec.stored_dtype.str,
+            fields=fetched,
+            wanted=wanted,
+        )
 
     def __getitem__(self, key: int | str) -> CacheRecord:
         return decode_raw(self.read_raw(key))
@@ -378,19 +271,46 @@ class CacheReader:
     def close(self) -> None:
         for reader in self._shards.values():
             reader.close()
-        self._shards = {}
+        self._shards = OrderedDict()
 
 
-def load_manifest(source: ByteSource) -> Manifest:
-    where = source.describe(MANIFEST_NAME)
-    if not source.exists(MANIFEST_NAME):
-        if source.exists(HEADER_NAME):
+def load_index(
+    source: ByteSource, manifest: Manifest, *, refuse_duplicates: bool = True
+) -> CacheIndex:
+    """The cache's index: mapped from its files (format 2), or built in memory from the shards'
+    own tables (format 1: one read per shard; ``cache upgrade`` writes the files). An image
+    listed twice in one split is a CacheError (``cache verify`` reports it instead)."""
+    if manifest.index is not None:
+        if manifest.index.images != manifest.images:
             raise CacheError(
-                f"{source.describe()} has no {MANIFEST_NAME}: the cache is unfinished (finalize did "
-                f"not run); finish it with 'maskteacher cache merge {source.describe()} {source.describe()}'"
+                f"{source.describe(MANIFEST_NAME)}: the index holds {manifest.index.images} images, "
+                f"the shards {manifest.images}"
             )
-        raise CacheError(f"{source.describe()} is not a cache: no {MANIFEST_NAME}")
-    return Manifest.from_json(parse_json(source.read_all(MANIFEST_NAME), where), where)
+        index = CacheIndex(source, manifest.index)
+    else:
+        index = CacheIndex(None, None, build_columns(_shard_tables(source, manifest)))
+    hashes = index.col("lookup.hash") if refuse_duplicates and len(index) else None
+    if hashes is not None and bool(np.any(hashes[1:] == hashes[:-1])):
+        for split, image_id, positions in index.duplicates():
+            shards = [manifest.shards[int(index.col("shard")[p])].path for p in positions]
+            raise CacheError(
+                f"{MANIFEST_NAME}: image {image_id!r} ({split}) is in shards {' and '.join(shards)}"
+            )
+    return index
+
+
+def _shard_tables(source: ByteSource, manifest: Manifest) -> list:
+    """Format 1: every shard's own table (its metadata sha256-checked against the manifest)."""
+    tables = []
+    for entry in manifest.shards:
+        reader = ShardReader(source, entry, manifest.header, None)
+        try:
+            tables.append(reader.table())
+        except CacheError as exc:
+            raise CacheError(f"shard {entry.path}: {exc}") from None
+        finally:
+            reader.close()
+    return tables
 
 
 def open_cache(
@@ -398,20 +318,27 @@ def open_cache(
     *,
     expect: dict[str, Any] | None = None,
     split: str | None = None,
+    verify_shards: bool = False,
+    max_open_shards: int = MAX_OPEN_SHARDS,
 ) -> CacheReader:
     """Open a finished cache (folder path, ``file://`` or any fsspec URL) for reading.
 
-    ``expect`` names fields the caller relies on (see :func:`check_expect`): a mismatch raises
-    CacheError naming the field and both values. ``split`` restricts the reader to one split.
+    ``expect`` names fields the caller relies on (see :func:`~.identity.check_expect`): a
+    mismatch raises CacheError naming the field and both values. ``split`` restricts the reader
+    to one split. ``verify_shards``: check each shard's file sha256 on its first read (lazy
+    verify-on-open). Format-1 caches are read too (their index is built at open).
     """
     source = make_source(path_or_url)
     manifest = load_manifest(source)
     if expect:
-        check_expect(manifest, expect, source.describe())
+        check_expect(manifest.header, expect, source.describe())
     if (
         split is not None
         and split not in {s.split for s in manifest.shards}
         and split not in manifest.header.fingerprints
     ):
         raise CacheError(f"cache {source.describe()} holds no split {split!r}")
-    return CacheReader(source, manifest, split)
+    index = load_index(source, manifest)
+    return CacheReader(
+        source, manifest, index, split, verify_shards=verify_shards, max_open_shards=max_open_shards
+    )

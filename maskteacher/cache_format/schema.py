@@ -1,4 +1,4 @@
-"""The one place that states the cache's on-disk layout: every field, dtype, shape, frame and codec.
+"""The one place that states the cache's layout: every field, array, column, dtype, shape, frame.
 
 Readers and writers of both backends take their names, shapes and rules from here; the byte
 layout is explained for humans in ``docs/cache_format.md``.
@@ -9,13 +9,13 @@ padded bottom/right to ``image_size`` square; the *low-res frame* is ``L = image
 square, the mask decoder's output, where teacher logits and ground truth live.
 
 Layout of one shard (zarr v3 group ``shards/<name>.zarr`` or HDF5 file ``shards/<name>.h5``):
-per-mask data lives in *row arrays* in CSR form. Image ``i``'s teacher masks are rows
-``teacher_start[i] : teacher_start[i] + teacher_count[i]`` of the teacher arrays and its ground
-truth masks are rows ``gt_start[i] : gt_start[i] + gt_count[i]`` of ``gt_masks``. Every image
-starts on a chunk boundary (``*_start`` is a multiple of the array's ``rows_per_chunk``), so an
-image is read as whole chunks that belong to it alone; the unused rows of its last chunk are
-zero padding, which zstd stores in a few bytes. The per-image table (ids, sizes, starts, counts)
-is JSON inside the shard (zarr group attribute / HDF5 ``index_json`` dataset).
+per-mask data lives in the *row arrays* of :data:`ARRAYS` in CSR form. Image ``i``'s teacher
+masks are rows ``teacher_start[i] : teacher_start[i] + teacher_count[i]`` of the teacher arrays
+and its ground truth masks are rows ``gt_start[i] : gt_start[i] + gt_count[i]`` of ``gt_masks``.
+Every image starts on a chunk boundary (``*_start`` is a multiple of the array's chunk rows), so
+an image is read as whole chunks that belong to it alone; the unused rows of its last chunk are
+zero padding. The shard's own per-image table (:mod:`.shard_table`) is JSON inside the shard;
+the cache-wide columnar index (:mod:`.index`) repeats it for fast lookups.
 """
 
 from __future__ import annotations
@@ -27,22 +27,28 @@ from typing import Any
 import numpy as np
 
 from maskteacher.cache_format.errors import CacheError
+from maskteacher.cache_format.jsonio import as_dict, free_object, get, str_map
 
 FORMAT_NAME = "maskteacher-cache"
-FORMAT_VERSION = 1
+#: Format written by this code: 2 = columnar index + small manifest (1 = per-image JSON manifest).
+FORMAT_VERSION = 2
+#: Format versions this code reads (1 through an in-memory index; ``cache upgrade`` converts).
+READABLE_VERSIONS = (1, 2)
+#: Version of the per-shard table stored inside each shard (unchanged between formats 1 and 2).
+SHARD_TABLE_VERSION = 1
 
-#: Backend a new cache gets unless the caller says otherwise; chosen by ``bench/cache_io.py``
-#: (see docs/cache_format.md, "Choosing the default backend").
+#: Backend a new cache gets unless the caller says otherwise; chosen by ``bench/cache_io.py``.
 DEFAULT_BACKEND = "zarr"
 BACKENDS = ("zarr", "hdf5")
 SHARD_SUFFIX = {"zarr": ".zarr", "hdf5": ".h5"}
 
 #: Rows (masks) per chunk of the row arrays; measured in docs/cache_format.md ("Ragged layout").
 DEFAULT_ROWS_PER_CHUNK = 32
-#: zstd level for every compressed chunk; measured in docs/cache_format.md ("Compression").
+#: zstd level for every compressed chunk; measured in docs/cache_format.md.
 DEFAULT_ZSTD_LEVEL = 6
 DEFAULT_CLIP = 12.0
 LOGIT_CODECS = ("int8", "fp16")
+#: Splits, in the order of their codes in the index's ``split`` column.
 SPLITS = ("train", "val")
 
 # Array names inside a shard.
@@ -54,9 +60,82 @@ EMBEDDING = "embedding"
 
 #: Columns of ``teacher_meta`` (rows, 8) float32.
 META_COLUMNS = ("point_x", "point_y", "iou", "stability", "box_x0", "box_y0", "box_x1", "box_y1")
+#: Record field -> (first column of ``teacher_meta``, number of columns; 1 = a vector).
+META_FIELDS = {
+    "teacher_points": (0, 2),
+    "teacher_iou": (2, 1),
+    "teacher_stability": (3, 1),
+    "teacher_boxes": (4, 4),
+}
 
 #: Attribute (zarr group) / dataset (HDF5) holding the shard's per-image JSON table.
 INDEX_KEY = "maskteacher_index"
+
+
+@dataclass(frozen=True)
+class ArrayLayout:
+    """One row array: its CSR row space (one row per teacher mask, GT mask, or image), the
+    ``store`` flag that enables it and the record fields decoded from it."""
+
+    name: str
+    space: str
+    store: str
+    fields: tuple[str, ...]
+
+
+#: Every row array a shard may hold, in storage order.
+ARRAYS: tuple[ArrayLayout, ...] = (
+    ArrayLayout(TEACHER_LOGITS, "teacher", "teacher", ("teacher_logits",)),
+    ArrayLayout(TEACHER_META, "teacher", "teacher", tuple(META_FIELDS)),
+    ArrayLayout(TEACHER_TOKENS, "teacher", "tokens", ("tokens",)),
+    ArrayLayout(GT_MASKS, "gt", "gt", ("gt_masks",)),
+    ArrayLayout(EMBEDDING, "image", "embedding", ("embedding",)),
+)
+ARRAY_BY_NAME = {a.name: a for a in ARRAYS}
+#: Record field -> the array it is stored in.
+FIELD_ARRAY = {f: a.name for a in ARRAYS for f in a.fields}
+#: Arrays whose channel count C comes from the data (recorded in the shard table's ``dims``).
+DATA_DIM_ARRAYS = (TEACHER_TOKENS, EMBEDDING)
+
+
+def row_format(header: CacheHeader, name: str, dim: int | None) -> tuple[str, tuple[int, ...], int]:
+    """``(dtype, row shape, rows per chunk)`` of array ``name`` in a cache made with ``header``;
+    ``dim`` is the channel count C of tokens / embeddings (None for the other arrays)."""
+    low, rows = header.low_res, int(header.rows_per_chunk)
+    if name == TEACHER_LOGITS:
+        return header.codec.stored_dtype.str, (low, low), rows
+    if name == TEACHER_META:
+        return "<f4", (len(META_COLUMNS),), rows
+    if name == GT_MASKS:
+        return "|u1", ((low * low + 7) // 8,), rows
+    if dim is None:
+        raise CacheError(f"store.{ARRAY_BY_NAME[name].store} is set but the record has no {name}")
+    if name == TEACHER_TOKENS:
+        return "<f2", (int(dim),), rows
+    return "<f2", (int(dim), header.embed_size, header.embed_size), 1
+
+
+def pack_meta(values: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """The ``teacher_meta`` rows (n, 8) float32 from the four record fields of :data:`META_FIELDS`
+    (shapes (n, 2), (n,), (n,), (n, 4)); CacheError if a shape is wrong or a value not finite."""
+    meta = np.empty((n, len(META_COLUMNS)), np.float32)
+    for name, (first, width) in META_FIELDS.items():
+        value = np.asarray(values[name], np.float32)
+        want = (n, width) if width > 1 else (n,)
+        if value.shape != want:
+            raise CacheError(f"{name} has shape {value.shape}, expected {want}")
+        meta[:, first : first + width] = value.reshape(n, width)
+    if not np.isfinite(meta).all():
+        raise CacheError("teacher points/iou/stability/boxes contain NaN or infinity")
+    return meta
+
+
+def unpack_meta(meta: np.ndarray) -> dict[str, np.ndarray]:
+    """Inverse of :func:`pack_meta`: (n, 8) -> the four record fields (contiguous float32)."""
+    return {
+        name: np.ascontiguousarray(meta[:, first] if width == 1 else meta[:, first : first + width])
+        for name, (first, width) in META_FIELDS.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -72,35 +151,19 @@ class FieldSpec:
 
 #: Every field a reader returns, for documentation and for the writer's checks.
 FIELDS: tuple[FieldSpec, ...] = (
-    FieldSpec("image_id", "str", "-", "-", "index JSON 'image_id'"),
-    FieldSpec("split", "str", "-", "-", "shard entry 'split' ('train' | 'val')"),
-    FieldSpec("orig_hw", "int64", "(2,) (H, W)", "original", "index JSON 'orig_hw'"),
-    FieldSpec(
-        "input_hw", "int64", "(2,) (h, w)", "model input, before padding", "index JSON 'input_hw'"
-    ),
-    FieldSpec(
-        "teacher_logits", "int8 codes | float16", "(N, L, L)", "low-res", f"{TEACHER_LOGITS}, zstd"
-    ),
-    FieldSpec(
-        "teacher_points", "float32", "(N, 2) (x, y)", "model input", f"{TEACHER_META}[:, 0:2]"
-    ),
-    FieldSpec("teacher_iou", "float32", "(N,)", "-", f"{TEACHER_META}[:, 2]"),
-    FieldSpec("teacher_stability", "float32", "(N,)", "-", f"{TEACHER_META}[:, 3]"),
-    FieldSpec("teacher_boxes", "float32", "(N, 4) XYXY", "original", f"{TEACHER_META}[:, 4:8]"),
-    FieldSpec("gt_masks", "bool", "(M, L, L)", "low-res", f"{GT_MASKS}, np.packbits rows, zstd"),
-    FieldSpec(
-        "embedding",
-        "float16 | None",
-        "(C, E, E), E = image_size // 16",
-        "encoder grid",
-        f"{EMBEDDING}[i]",
-    ),
-    FieldSpec(
-        "tokens", "float16 | None", "(N, C)", "-", f"{TEACHER_TOKENS}, per-mask decoder token"
-    ),
-    FieldSpec(
-        "source", "str | None", "-", "-", "index JSON 'source', relative to dataset_roots[split]"
-    ),
+    FieldSpec("image_id", "str", "-", "-", "index column 'image_id'"),
+    FieldSpec("split", "str", "-", "-", "index column 'split' ('train' | 'val')"),
+    FieldSpec("orig_hw", "int64", "(2,) (H, W)", "original", "index column 'orig_hw'"),
+    FieldSpec("input_hw", "int64", "(2,) (h, w)", "model input, unpadded", "index 'input_hw'"),
+    FieldSpec("teacher_logits", "int8 codes | float16", "(N, L, L)", "low-res", TEACHER_LOGITS),
+    FieldSpec("teacher_points", "float32", "(N, 2) (x, y)", "model input", "teacher_meta[:, 0:2]"),
+    FieldSpec("teacher_iou", "float32", "(N,)", "-", "teacher_meta[:, 2]"),
+    FieldSpec("teacher_stability", "float32", "(N,)", "-", "teacher_meta[:, 3]"),
+    FieldSpec("teacher_boxes", "float32", "(N, 4) XYXY", "original", "teacher_meta[:, 4:8]"),
+    FieldSpec("gt_masks", "bool", "(M, L, L)", "low-res", f"{GT_MASKS}, np.packbits rows"),
+    FieldSpec("embedding", "float16 | None", "(C, E, E)", "encoder grid", f"{EMBEDDING}[i]"),
+    FieldSpec("tokens", "float16 | None", "(N, C)", "-", f"{TEACHER_TOKENS}, decoder tokens"),
+    FieldSpec("source", "str | None", "-", "-", "index column 'source' (dataset_roots[split])"),
 )
 
 
@@ -110,40 +173,41 @@ class CacheRecord:
 
     ``teacher_logits`` is float32 when handed to a writer (it encodes), or already in the
     stored dtype (int8 codes / float16) when read back; :func:`logits_to_float` converts.
+    A record read with ``fields=`` holds None in the fields that were not fetched.
     """
 
     image_id: str
     split: str
     orig_hw: np.ndarray
     input_hw: np.ndarray
-    teacher_logits: np.ndarray
-    teacher_points: np.ndarray
-    teacher_iou: np.ndarray
-    teacher_stability: np.ndarray
-    teacher_boxes: np.ndarray
-    gt_masks: np.ndarray
+    teacher_logits: np.ndarray | None
+    teacher_points: np.ndarray | None
+    teacher_iou: np.ndarray | None
+    teacher_stability: np.ndarray | None
+    teacher_boxes: np.ndarray | None
+    gt_masks: np.ndarray | None
     embedding: np.ndarray | None = None
     tokens: np.ndarray | None = None
     source: str | None = None
 
     @property
     def num_masks(self) -> int:
-        return int(self.teacher_logits.shape[0])
+        """N, from the first teacher field that was read (0 when none was)."""
+        for name in ("teacher_logits", "teacher_iou", "tokens"):
+            value = getattr(self, name)
+            if value is not None:
+                return int(value.shape[0])
+        return 0
 
     @property
     def num_gt(self) -> int:
-        return int(self.gt_masks.shape[0])
+        return 0 if self.gt_masks is None else int(self.gt_masks.shape[0])
 
 
 def empty_teacher(low_res: int, dtype: Any = np.float32) -> dict[str, np.ndarray]:
     """Teacher fields with N = 0 (for GT-only records), as keyword arguments of CacheRecord."""
-    return {
-        "teacher_logits": np.zeros((0, low_res, low_res), dtype),
-        "teacher_points": np.zeros((0, 2), np.float32),
-        "teacher_iou": np.zeros((0,), np.float32),
-        "teacher_stability": np.zeros((0,), np.float32),
-        "teacher_boxes": np.zeros((0, 4), np.float32),
-    }
+    meta = unpack_meta(np.zeros((0, len(META_COLUMNS)), np.float32))
+    return {"teacher_logits": np.zeros((0, low_res, low_res), dtype), **meta}
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,11 +245,11 @@ class Codec:
 
     @classmethod
     def from_json(cls, data: Any, where: str = "codec") -> Codec:
-        d = _as_dict(data, where)
+        d = as_dict(data, where)
         return cls(
-            name=_get(d, "name", str, where),
-            clip=float(_get(d, "clip", (int, float), where)),
-            zstd_level=int(_get(d, "zstd_level", int, where)),
+            name=get(d, "name", str, where),
+            clip=float(get(d, "clip", (int, float), where)),
+            zstd_level=int(get(d, "zstd_level", int, where)),
         )
 
 
@@ -207,18 +271,18 @@ class StoreFlags:
 
     @classmethod
     def from_json(cls, data: Any, where: str = "store") -> StoreFlags:
-        d = _as_dict(data, where)
-        return cls(**{f.name: _get(d, f.name, bool, where) for f in dataclasses.fields(cls)})
+        d = as_dict(data, where)
+        return cls(**{f.name: get(d, f.name, bool, where) for f in dataclasses.fields(cls)})
 
 
 @dataclass(frozen=True)
 class CacheHeader:
     """The generation settings every shard of a cache shares (``cache_header.json``).
 
-    ``params`` is a free-form JSON object written by precompute (grid, thresholds, ...);
-    ``fingerprints`` maps split -> :func:`dataset_fingerprint`; ``dataset_roots`` maps split ->
-    the dataset folder that per-image ``source`` paths are relative to (informational: it is
-    not compared when a second writer joins, since the same data may live elsewhere).
+    ``params`` is a JSON object written by precompute (grid, thresholds, ...; the keys that must
+    match are :data:`maskteacher.cache_format.identity.GENERATION_KEYS`); ``fingerprints`` maps
+    split -> dataset fingerprint; ``dataset_roots`` maps split -> the dataset folder that
+    per-image ``source`` paths are relative to (informational, never compared).
     """
 
     teacher_type: str
@@ -273,323 +337,28 @@ class CacheHeader:
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> CacheHeader:
-        d = _as_dict(data, where)
-        fmt = d.get("format")
-        if fmt != FORMAT_NAME:
-            raise CacheError(f"{where}: not a {FORMAT_NAME} document (format = {fmt!r})")
-        version = _get(d, "format_version", int, where)
-        if version != FORMAT_VERSION:
+        d = as_dict(data, where)
+        if d.get("format") != FORMAT_NAME:
             raise CacheError(
-                f"{where}: format_version is {version} but this reader reads version {FORMAT_VERSION}"
+                f"{where}: not a {FORMAT_NAME} document (format = {d.get('format')!r})"
             )
-        teacher = _as_dict(_get(d, "teacher", dict, where), f"{where}: teacher")
+        version = get(d, "format_version", int, where)
+        if version not in READABLE_VERSIONS:
+            raise CacheError(
+                f"{where}: format_version is {version} but this reader reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}"
+            )
+        teacher = as_dict(get(d, "teacher", dict, where), f"{where}: teacher")
         return cls(
-            teacher_type=_get(teacher, "type", str, f"{where}: teacher"),
-            checkpoint_sha256=_get(teacher, "checkpoint_sha256", str, f"{where}: teacher"),
-            image_size=_get(d, "image_size", int, where),
-            params=_get(d, "params", dict, where),
-            codec=Codec.from_json(_get(d, "codec", dict, where), f"{where}: codec"),
-            store=StoreFlags.from_json(_get(d, "store", dict, where), f"{where}: store"),
-            backend=_get(d, "backend", str, where),
-            rows_per_chunk=_get(d, "rows_per_chunk", int, where),
-            fingerprints=_str_map(_get(d, "fingerprints", dict, where), f"{where}: fingerprints"),
-            dataset_roots=_str_map(
-                _get(d, "dataset_roots", dict, where), f"{where}: dataset_roots"
-            ),
+            teacher_type=get(teacher, "type", str, f"{where}: teacher"),
+            checkpoint_sha256=get(teacher, "checkpoint_sha256", str, f"{where}: teacher"),
+            image_size=get(d, "image_size", int, where),
+            params=free_object(d, "params", where),
+            codec=Codec.from_json(get(d, "codec", dict, where), f"{where}: codec"),
+            store=StoreFlags.from_json(get(d, "store", dict, where), f"{where}: store"),
+            backend=get(d, "backend", str, where),
+            rows_per_chunk=get(d, "rows_per_chunk", int, where),
+            fingerprints=str_map(get(d, "fingerprints", dict, where), f"{where}: fingerprints"),
+            dataset_roots=str_map(get(d, "dataset_roots", dict, where), f"{where}: dataset_roots"),
             format_version=version,
         )
-
-    def comparable(self) -> dict[str, Any]:
-        """Flat view of the fields that must agree between writers / merged caches."""
-        flat: dict[str, Any] = {
-            "format_version": self.format_version,
-            "teacher_type": self.teacher_type,
-            "checkpoint_sha256": self.checkpoint_sha256,
-            "image_size": self.image_size,
-            "codec.name": self.codec.name,
-            "codec.clip": float(self.codec.clip),
-            "codec.zstd_level": self.codec.zstd_level,
-            "backend": self.backend,
-            "rows_per_chunk": self.rows_per_chunk,
-        }
-        flat.update({f"store.{k}": v for k, v in self.store.to_json().items()})
-        keys = sorted(self.params)
-        flat["params (keys)"] = keys
-        flat.update({f"params.{k}": self.params[k] for k in keys})
-        return flat
-
-
-# --------------------------------------------------------------------------------------------
-# Shard index (inside each shard) and manifest entries.
-
-
-@dataclass
-class ShardIndex:
-    """Per-image table of one shard, stored as JSON inside the shard itself.
-
-    Column lists of equal length (one entry per image, in write order); ``teacher_start`` /
-    ``gt_start`` are row offsets into the row arrays (multiples of ``rows_per_chunk``).
-    ``dims`` gives the channel count C of ``teacher_tokens`` / ``embedding`` when stored;
-    ``quant`` holds the logit-codec statistics (``codecs.merge_quant_stats``).
-    """
-
-    split: str
-    image_id: list[str] = field(default_factory=list)
-    source: list[str | None] = field(default_factory=list)
-    orig_hw: list[list[int]] = field(default_factory=list)
-    input_hw: list[list[int]] = field(default_factory=list)
-    teacher_start: list[int] = field(default_factory=list)
-    teacher_count: list[int] = field(default_factory=list)
-    gt_start: list[int] = field(default_factory=list)
-    gt_count: list[int] = field(default_factory=list)
-    teacher_rows: int = 0
-    gt_rows: int = 0
-    dims: dict[str, int] = field(default_factory=dict)
-    quant: dict[str, Any] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
-
-    _COLUMNS = (
-        "image_id",
-        "source",
-        "orig_hw",
-        "input_hw",
-        "teacher_start",
-        "teacher_count",
-        "gt_start",
-        "gt_count",
-    )
-
-    def __len__(self) -> int:
-        return len(self.image_id)
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"format_version": self.format_version, "split": self.split}
-        out.update({c: getattr(self, c) for c in self._COLUMNS})
-        out.update(
-            teacher_rows=self.teacher_rows, gt_rows=self.gt_rows, dims=self.dims, quant=self.quant
-        )
-        return out
-
-    @classmethod
-    def from_json(cls, data: Any, where: str) -> ShardIndex:
-        d = _as_dict(data, where)
-        version = _get(d, "format_version", int, where)
-        if version != FORMAT_VERSION:
-            raise CacheError(
-                f"{where}: shard format_version is {version}, this reader reads {FORMAT_VERSION}"
-            )
-        idx = cls(
-            split=_get(d, "split", str, where),
-            teacher_rows=_get(d, "teacher_rows", int, where),
-            gt_rows=_get(d, "gt_rows", int, where),
-            dims=_get(d, "dims", dict, where),
-            quant=_get(d, "quant", dict, where),
-        )
-        if any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in idx.dims.values()):
-            raise CacheError(f"{where}: index 'dims' must map array names to positive ints")
-        n = None
-        for col in cls._COLUMNS:
-            values = _get(d, col, list, where)
-            if n is None:
-                n = len(values)
-            elif len(values) != n:
-                raise CacheError(
-                    f"{where}: index column {col!r} has {len(values)} entries, expected {n}"
-                )
-            setattr(idx, col, values)
-        idx._check(where)
-        return idx
-
-    def _check(self, where: str) -> None:
-        try:
-            for name in ("teacher_start", "teacher_count", "gt_start", "gt_count"):
-                arr = np.asarray(getattr(self, name), dtype=np.int64)
-                if arr.size and arr.min() < 0:
-                    raise ValueError(f"negative entry in {name}")
-            for name, rows in (("teacher", self.teacher_rows), ("gt", self.gt_rows)):
-                start = np.asarray(getattr(self, f"{name}_start"), dtype=np.int64)
-                count = np.asarray(getattr(self, f"{name}_count"), dtype=np.int64)
-                if start.size and int((start + count).max()) > rows:
-                    raise ValueError(f"{name} rows run past the array end ({rows} rows)")
-            for hw in (*self.orig_hw, *self.input_hw):
-                if len(hw) != 2 or any(not isinstance(v, int) or v <= 0 for v in hw):
-                    raise ValueError(f"bad image size {hw!r}")
-            if any(not isinstance(i, str) for i in self.image_id):
-                raise ValueError("image ids must be strings")
-            if any(s is not None and not isinstance(s, str) for s in self.source):
-                raise ValueError("sources must be strings or null")
-        except (TypeError, ValueError) as exc:
-            raise CacheError(f"{where}: malformed shard index: {exc}") from None
-        if len(set(self.image_id)) != len(self.image_id):
-            raise CacheError(f"{where}: shard index lists an image id twice")
-
-
-@dataclass
-class ShardFile:
-    """One file of a shard: path relative to the shard (``.`` for an HDF5 file), size, sha256."""
-
-    path: str
-    bytes: int
-    sha256: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "bytes": self.bytes, "sha256": self.sha256}
-
-    @classmethod
-    def from_json(cls, data: Any, where: str) -> ShardFile:
-        d = _as_dict(data, where)
-        return cls(
-            _get(d, "path", str, where), _get(d, "bytes", int, where), _get(d, "sha256", str, where)
-        )
-
-
-@dataclass
-class ShardEntry:
-    """A finished shard as listed in the manifest (and in its sidecar ``<shard>.json``)."""
-
-    path: str
-    split: str
-    backend: str
-    image_ids: list[str]
-    images: int
-    masks: int
-    gt_masks: int
-    bytes: int
-    files: list[ShardFile]
-    quant: dict[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "split": self.split,
-            "backend": self.backend,
-            "images": self.images,
-            "masks": self.masks,
-            "gt_masks": self.gt_masks,
-            "bytes": self.bytes,
-            "quant": self.quant,
-            "files": [f.to_json() for f in self.files],
-            "image_ids": self.image_ids,
-        }
-
-    @classmethod
-    def from_json(cls, data: Any, where: str) -> ShardEntry:
-        d = _as_dict(data, where)
-        ids = _get(d, "image_ids", list, where)
-        if any(not isinstance(i, str) for i in ids):
-            raise CacheError(f"{where}: image_ids must be strings")
-        entry = cls(
-            path=_get(d, "path", str, where),
-            split=_get(d, "split", str, where),
-            backend=_get(d, "backend", str, where),
-            image_ids=ids,
-            images=_get(d, "images", int, where),
-            masks=_get(d, "masks", int, where),
-            gt_masks=_get(d, "gt_masks", int, where),
-            bytes=_get(d, "bytes", int, where),
-            files=[
-                ShardFile.from_json(f, f"{where}: files[{k}]")
-                for k, f in enumerate(_get(d, "files", list, where))
-            ],
-            quant=_get(d, "quant", dict, where),
-        )
-        if entry.images != len(ids):
-            raise CacheError(
-                f"{where}: 'images' is {entry.images} but {len(ids)} image ids are listed"
-            )
-        if entry.split not in SPLITS:
-            raise CacheError(f"{where}: split {entry.split!r} is not one of {', '.join(SPLITS)}")
-        if entry.backend not in BACKENDS:
-            raise CacheError(
-                f"{where}: backend {entry.backend!r} is not one of {', '.join(BACKENDS)}"
-            )
-        return entry
-
-
-@dataclass(frozen=True)
-class Failure:
-    """An image the teacher could not process, with the reason (kept in the manifest)."""
-
-    image_id: str
-    split: str
-    reason: str
-    worker: str = ""
-
-    def to_json(self) -> dict[str, str]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Any, where: str) -> Failure:
-        d = _as_dict(data, where)
-        return cls(
-            image_id=_get(d, "image_id", str, where),
-            split=_get(d, "split", str, where),
-            reason=_get(d, "reason", str, where),
-            worker=str(d.get("worker", "")),
-        )
-
-
-@dataclass
-class Manifest:
-    """``manifest.json``: the header plus the finished shards and the failed images."""
-
-    header: CacheHeader
-    shards: list[ShardEntry]
-    failures: list[Failure] = field(default_factory=list)
-
-    @property
-    def images(self) -> int:
-        return sum(s.images for s in self.shards)
-
-    def to_json(self) -> dict[str, Any]:
-        out = self.header.to_json()
-        out["num_images"] = self.images
-        out["num_masks"] = sum(s.masks for s in self.shards)
-        out["shards"] = [s.to_json() for s in self.shards]
-        out["failures"] = [f.to_json() for f in self.failures]
-        return out
-
-    @classmethod
-    def from_json(cls, data: Any, where: str = "manifest.json") -> Manifest:
-        header = CacheHeader.from_json(data, where)
-        d = _as_dict(data, where)
-        shards = [
-            ShardEntry.from_json(s, f"{where}: shards[{k}]")
-            for k, s in enumerate(_get(d, "shards", list, where))
-        ]
-        failures = [
-            Failure.from_json(f, f"{where}: failures[{k}]")
-            for k, f in enumerate(_get(d, "failures", list, where))
-        ]
-        return cls(header=header, shards=shards, failures=failures)
-
-
-# --------------------------------------------------------------------------------------------
-# Small JSON validation helpers (a manifest may come from someone else: check every type).
-
-
-def _as_dict(data: Any, where: str) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise CacheError(f"{where}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _get(d: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
-    if key not in d:
-        raise CacheError(f"{where}: missing field {key!r}")
-    value = d[key]
-    bad_bool = (
-        isinstance(value, bool)
-        and typ is not bool
-        and bool not in (typ if isinstance(typ, tuple) else (typ,))
-    )
-    if not isinstance(value, typ) or bad_bool:
-        want = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
-        raise CacheError(f"{where}: field {key!r} must be {want}, got {value!r}")
-    return value
-
-
-def _str_map(d: dict[str, Any], where: str) -> dict[str, str]:
-    if any(not isinstance(v, str) for v in d.values()):
-        raise CacheError(f"{where}: values must be strings")
-    return dict(d)

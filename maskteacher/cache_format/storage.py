@@ -1,18 +1,25 @@
-"""Byte access to a cache folder: local files (``os.pread``) or an fsspec URL.
+"""Byte access to a cache folder: local files (``os.pread``, ``mmap``) or an fsspec URL.
 
 Handles (file descriptors) belong to one process: after a fork (DataLoader workers) the first
-access in the child drops the inherited ones and opens its own. Every path is a '/'-separated
-path relative to the cache root, checked to stay inside it.
+access in the child drops the inherited ones and opens its own. At most :data:`MAX_OPEN_FILES`
+descriptors stay open per source (least recently used are closed), so reading every shard of an
+SA-1B-sized cache does not run out of descriptors or grow memory. Every path is a '/'-separated
+path relative to the cache root, checked to stay inside it (symlinks included).
 """
 
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
+from collections import OrderedDict
 from typing import IO, Any
 
 from maskteacher.cache_format.errors import CacheError
-from maskteacher.cache_format.manifest import check_relative_path, resolve_local
+from maskteacher.cache_format.paths import check_relative_path, resolve_local
+
+#: File descriptors a local source keeps open (least recently used beyond this are closed).
+MAX_OPEN_FILES = 64
 
 
 class ByteSource:
@@ -27,6 +34,10 @@ class ByteSource:
     def read_all(self, rel: str) -> bytes:
         raise NotImplementedError
 
+    def buffer(self, rel: str) -> Any:
+        """The whole file as a read-only buffer (a memory map for local files)."""
+        return self.read_all(rel)
+
     def size(self, rel: str) -> int:
         raise NotImplementedError
 
@@ -34,8 +45,11 @@ class ByteSource:
         raise NotImplementedError
 
     def open_binary(self, rel: str) -> IO[bytes]:
-        """A seekable binary file object (for h5py)."""
+        """A seekable binary file object (for h5py and hashing)."""
         raise NotImplementedError
+
+    def close(self) -> None:
+        pass
 
     def describe(self, rel: str = "") -> str:
         return f"{self.root.rstrip('/')}/{rel}" if rel else self.root
@@ -47,7 +61,7 @@ class LocalSource(ByteSource):
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
         self._pid = os.getpid()
-        self._fds: dict[str, int] = {}
+        self._fds: OrderedDict[str, int] = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"root": self.root}
@@ -64,22 +78,33 @@ class LocalSource(ByteSource):
             for fd in self._fds.values():
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            self._fds = {}
+            self._fds = OrderedDict()
             self._pid = os.getpid()
         fd = self._fds.get(rel)
-        if fd is None:
-            try:
-                fd = os.open(self.path(rel), os.O_RDONLY)
-            except FileNotFoundError:
-                raise CacheError(f"missing file {self.describe(rel)}") from None
-            except OSError as exc:
-                raise CacheError(f"cannot open {self.describe(rel)}: {exc.strerror}") from None
-            self._fds[rel] = fd
+        if fd is not None:
+            self._fds.move_to_end(rel)
+            return fd
+        fd = self._open(rel)
+        self._fds[rel] = fd
+        while len(self._fds) > MAX_OPEN_FILES:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
         return fd
+
+    def _open(self, rel: str) -> int:
+        try:
+            return os.open(self.path(rel), os.O_RDONLY)
+        except FileNotFoundError:
+            raise CacheError(f"missing file {self.describe(rel)}") from None
+        except OSError as exc:
+            raise CacheError(f"cannot open {self.describe(rel)}: {exc.strerror}") from None
 
     def read(self, rel: str, start: int, end: int) -> bytes:
         n = end - start
-        data = os.pread(self._fd(rel), n, start)
+        try:
+            data = os.pread(self._fd(rel), n, start)
+        except (OverflowError, ValueError):  # a corrupted offset or length
+            raise CacheError(f"{self.describe(rel)}: bad byte range {start}..{end}") from None
         if len(data) != n:
             raise CacheError(
                 f"{self.describe(rel)} is truncated: wanted bytes {start}..{end}, file ends sooner"
@@ -87,11 +112,17 @@ class LocalSource(ByteSource):
         return data
 
     def read_all(self, rel: str) -> bytes:
+        with self.open_binary(rel) as f:
+            return f.read()
+
+    def buffer(self, rel: str) -> Any:
+        fd = self._open(rel)
         try:
-            with open(self.path(rel), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            raise CacheError(f"missing file {self.describe(rel)}") from None
+            if os.fstat(fd).st_size == 0:
+                return b""
+            return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
 
     def size(self, rel: str) -> int:
         return os.fstat(self._fd(rel)).st_size
@@ -104,12 +135,14 @@ class LocalSource(ByteSource):
             return open(self.path(rel), "rb")
         except FileNotFoundError:
             raise CacheError(f"missing file {self.describe(rel)}") from None
+        except OSError as exc:
+            raise CacheError(f"cannot open {self.describe(rel)}: {exc.strerror}") from None
 
     def close(self) -> None:
         if self._pid == os.getpid():
             for fd in self._fds.values():
                 os.close(fd)
-        self._fds = {}
+        self._fds = OrderedDict()
 
 
 class FsspecSource(ByteSource):
@@ -119,7 +152,19 @@ class FsspecSource(ByteSource):
         import fsspec.core
 
         self.root = url
-        self._fs, self._base = fsspec.core.url_to_fs(url)
+        try:
+            self._fs, self._base = fsspec.core.url_to_fs(url)
+        except ImportError as exc:  # fsspec names the package(s) the protocol needs
+            proto = url.split("://", 1)[0]
+            raise CacheError(
+                f"{url}: no fsspec backend for {proto}:// URLs is installed ({exc}); "
+                "install it with pip"
+            ) from None
+        except ValueError as exc:
+            raise CacheError(
+                f"{url}: unknown URL scheme ({exc}); use a local folder or an fsspec URL "
+                "(s3://, gs://, http://, ...)"
+            ) from None
         self._base = self._base.rstrip("/")
 
     def _p(self, rel: str) -> str:
@@ -156,12 +201,10 @@ class FsspecSource(ByteSource):
         except FileNotFoundError:
             raise CacheError(f"missing file {self.describe(rel)}") from None
 
-    def close(self) -> None:
-        pass
-
 
 def make_source(path_or_url: str | os.PathLike[str]) -> ByteSource:
-    """Local folder path (or ``file://`` URL) -> :class:`LocalSource`; other URLs -> fsspec."""
+    """Local folder path (or ``file://`` URL) -> :class:`LocalSource`; other URLs -> fsspec
+    (CacheError naming the package to install when the URL's backend is missing)."""
     text = os.fspath(path_or_url)
     if text.startswith("file://"):
         return LocalSource(text[len("file://") :])

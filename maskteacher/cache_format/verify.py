@@ -1,18 +1,34 @@
-"""``cache verify`` and ``cache inspect``: check every byte of a cache, summarise a cache."""
+"""``cache verify``: check every byte of a cache, shards in parallel.
+
+Two passes per shard, separable: the *checksum* pass recomputes the size and sha256 of every
+file the shard's entry lists and reports unlisted files and links; the *decode* pass reads the
+shard's own table (compared with the cache index), checks its arrays against the manifest's
+layout and decodes every image (every chunk's crc32c / fletcher32). Cache-wide checks come
+first: the manifest, every index column (crc32c and sha256) and ids listed twice in one split.
+Shards are spread over ``jobs`` processes (forked from a single-threaded caller, else spawned).
+"""
 
 from __future__ import annotations
 
-import hashlib
+import multiprocessing
 import os
-import statistics
+import threading
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from maskteacher.cache_format.checks import file_digest, shard_file_problems
 from maskteacher.cache_format.errors import CacheError
-from maskteacher.cache_format.manifest import MANIFEST_NAME, check_relative_path
-from maskteacher.cache_format.reader import CacheReader, ShardReader, decode_raw, load_manifest
-from maskteacher.cache_format.schema import Manifest, ShardEntry
-from maskteacher.cache_format.storage import ByteSource, LocalSource, make_source
+from maskteacher.cache_format.index import CacheIndex
+from maskteacher.cache_format.manifest import Manifest, load_manifest, load_sidecar
+from maskteacher.cache_format.paths import MANIFEST_NAME, sidecar_rel_path
+from maskteacher.cache_format.raw import RawRecord, decode_raw
+from maskteacher.cache_format.reader import load_index
+from maskteacher.cache_format.schema import SHARD_SUFFIX, SPLITS
+from maskteacher.cache_format.shard_reader import ImageRows, ShardReader
+from maskteacher.cache_format.storage import ByteSource, make_source
 
 
 @dataclass
@@ -35,6 +51,7 @@ class VerifyReport:
     images: int = 0
     images_ok: int = 0
     files: int = 0
+    decoded: bool = True
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -48,7 +65,7 @@ class VerifyReport:
             "shards": self.shards,
             "files": self.files,
             "images": self.images,
-            "images_ok": self.images_ok,
+            "images_ok": self.images_ok if self.decoded else None,
             "problems": [
                 {"where": p.where, "image_id": p.image_id, "message": p.message}
                 for p in self.problems
@@ -56,188 +73,222 @@ class VerifyReport:
         }
 
 
-def verify_cache(path: str | os.PathLike[str], *, progress: bool = True) -> VerifyReport:
-    """Recompute every file checksum and decode every image; collect all problems found.
+def default_jobs() -> int:
+    """Processes ``cache verify`` uses by default: the CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
 
-    A cache that cannot be opened at all (no manifest, wrong format version) is reported as a
-    problem of ``manifest.json`` rather than raised.
+
+def verify_cache(
+    path: str | os.PathLike[str],
+    *,
+    progress: bool = True,
+    jobs: int | None = 1,
+    checksums_only: bool = False,
+) -> VerifyReport:
+    """Check ``path`` (module docstring) and collect every problem; never raises for a bad
+    cache (one whose manifest cannot be read is a problem of ``manifest.json``).
+
+    jobs: processes for the shards (None: :func:`default_jobs`); checksums_only: skip decoding.
     """
     source = make_source(path)
-    report = VerifyReport(path=source.describe())
+    report = VerifyReport(path=source.describe(), decoded=not checksums_only)
     try:
         manifest = load_manifest(source)
     except CacheError as exc:
         report.problems.append(Problem(MANIFEST_NAME, None, str(exc)))
         return report
-    report.shards = len(manifest.shards)
-    report.images = manifest.images
-    bar = _progress(manifest.images, progress, "verify")
-    for k, entry in enumerate(manifest.shards):
-        try:
-            check_relative_path(entry.path, f"{MANIFEST_NAME}: shards[{k}].path")
-            if isinstance(source, LocalSource):
-                source.path(entry.path)  # refuses symlinks leading outside the cache
-        except CacheError as exc:
-            report.problems.append(Problem(entry.path, None, str(exc)))
-            bar.update(entry.images)
-            continue
-        report.files += len(entry.files)
-        report.problems.extend(_check_files(source, entry))
-        ok, problems = _decode_shard(source, manifest, entry, bar)
+    report.shards, report.images = len(manifest.shards), manifest.images
+    index = _check_index(source, manifest, report)
+    report.problems.extend(_duplicates(manifest, index))
+    jobs = min(default_jobs() if jobs is None else max(1, jobs), max(1, len(manifest.shards)))
+    bar = None  # made after the worker pool (its monitor thread would make fork unsafe)
+    for k, (files, ok, problems) in _run_shards(
+        os.fspath(path), manifest, index, jobs, checksums_only
+    ):
+        if bar is None:
+            bar = _progress(
+                manifest.images, progress, "verify checksums" if checksums_only else "verify"
+            )
+        report.files += files
         report.images_ok += ok
         report.problems.extend(problems)
-    bar.close()
+        bar.update(manifest.shards[k].images)
+    if bar is not None:
+        bar.close()
     return report
 
 
-def _check_files(source: ByteSource, entry: ShardEntry) -> list[Problem]:
-    problems = []
-    listed = set()
-    for f in entry.files:
-        rel = entry.path if f.path == "." else f"{entry.path}/{f.path}"
-        listed.add(rel)
-        try:
-            check_relative_path(rel, entry.path)
-            size, digest = _hash(source, rel)
-        except CacheError as exc:
-            problems.append(Problem(entry.path, None, str(exc)))
-            continue
-        if size != f.bytes:
-            problems.append(
-                Problem(
-                    entry.path, None, f"file {f.path} has {size} bytes, the manifest says {f.bytes}"
-                )
-            )
-        elif digest != f.sha256:
-            problems.append(
-                Problem(
-                    entry.path, None, f"file {f.path} fails its sha256 check (contents changed)"
-                )
-            )
-    if isinstance(source, LocalSource):
-        full = source.path(entry.path)
-        if os.path.isdir(full):
-            for folder, _dirs, names in os.walk(full):
-                for name in names:
-                    rel = (
-                        entry.path
-                        + "/"
-                        + os.path.relpath(os.path.join(folder, name), full).replace(os.sep, "/")
-                    )
-                    if rel not in listed:
-                        problems.append(
-                            Problem(entry.path, None, f"file {rel} is not listed in the manifest")
-                        )
-    return problems
+def _check_index(source: ByteSource, manifest: Manifest, report: VerifyReport) -> CacheIndex | None:
+    """Load every index column (crc32c) and check its sha256; problems go to ``report``."""
+    if manifest.index is None:
+        return None
+    info = manifest.index
+    where = info.path
+    try:
+        index = load_index(source, manifest, refuse_duplicates=False)
+        for name, want in sorted(info.columns.items()):
+            index.col(name)
+            size, sha = file_digest(source, f"{info.path}/{name}.npy")
+            if (size, sha) != (want.bytes, want.sha256):
+                raise CacheError(f"index column {name} fails its sha256 check")
+        return index
+    except CacheError as exc:
+        report.problems.append(Problem(where, None, str(exc)))
+        return None
 
 
-def _hash(source: ByteSource, rel: str) -> tuple[int, str]:
-    h = hashlib.sha256()
-    size = 0
-    with source.open_binary(rel) as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-            size += len(block)
-    return size, h.hexdigest()
+def _duplicates(manifest: Manifest, index: CacheIndex | None) -> list[Problem]:
+    """Ids listed more than once in one split (by the format-1 manifest, or the index)."""
+    owners: dict[tuple[str, str], list[str]] = {}
+    if manifest.version == 1:
+        for entry in manifest.shards:
+            for image_id in entry.image_ids or []:
+                owners.setdefault((entry.split, image_id), []).append(entry.path)
+    elif index is not None:
+        shard_col = index.col("shard")
+        for split, image_id, positions in index.duplicates():
+            owners[(split, image_id)] = [manifest.shards[int(shard_col[p])].path for p in positions]
+    return [
+        Problem(
+            MANIFEST_NAME,
+            image_id,
+            f"listed {len(paths)} times in split {split!r}: in {', '.join(paths)}; keep one copy with 'maskteacher cache repair'",
+        )
+        for (split, image_id), paths in sorted(owners.items())
+        if len(paths) > 1
+    ]
+
+
+def _run_shards(
+    path: str, manifest: Manifest, index: CacheIndex | None, jobs: int, checksums_only: bool
+) -> Any:
+    """Yield ``(k, (files, images ok, problems))`` for every shard, in completion order."""
+    if jobs <= 1:
+        global _CONTEXT
+        _CONTEXT = (make_source(path), manifest, index)
+        for k in range(len(manifest.shards)):
+            yield k, _shard_task(k, checksums_only)
+        _CONTEXT = None
+        return
+    with ProcessPoolExecutor(
+        jobs, mp_context=_pool_context(), initializer=_init_worker, initargs=(path,)
+    ) as pool:
+        futures = {
+            pool.submit(_shard_task, k, checksums_only): k for k in range(len(manifest.shards))
+        }
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+
+
+_CONTEXT: tuple[ByteSource, Manifest, CacheIndex | None] | None = None
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """fork when this process runs a single thread (workers start at once, nothing to import),
+    spawn otherwise (forking a multi-threaded process could inherit a held lock)."""
+    if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+def _init_worker(path: str) -> None:
+    global _CONTEXT
+    source = make_source(path)
+    manifest = load_manifest(source)
+    try:
+        index = load_index(source, manifest, refuse_duplicates=False) if manifest.index else None
+    except CacheError:
+        index = None  # reported by the parent
+    _CONTEXT = (source, manifest, index)
+
+
+def _shard_task(k: int, checksums_only: bool) -> tuple[int, int, list[Problem]]:
+    """Both passes over shard ``k`` (in a worker process or in-process)."""
+    assert _CONTEXT is not None
+    source, manifest, index = _CONTEXT
+    entry = manifest.shards[k]
+    try:
+        if entry.files is None:
+            entry = load_sidecar(
+                source, entry, sidecar_rel_path(entry.path, SHARD_SUFFIX[entry.backend])
+            )
+        problems = [Problem(entry.path, None, m) for m in shard_file_problems(source, entry)]
+    except CacheError as exc:
+        return 0, 0, [Problem(entry.path, None, str(exc))]
+    files = len(entry.files or [])
+    if checksums_only:
+        return files, 0, problems
+    ok, decode_problems = _decode_shard(source, manifest, index, k, entry)
+    return files, ok, problems + decode_problems
 
 
 def _decode_shard(
-    source: ByteSource, manifest: Manifest, entry: ShardEntry, bar: Any
+    source: ByteSource, manifest: Manifest, index: CacheIndex | None, k: int, entry: Any
 ) -> tuple[int, list[Problem]]:
-    reader = ShardReader(source, entry, manifest.header)
-    problems: list[Problem] = []
-    ok = 0
+    reader = ShardReader(source, entry, manifest.header, None)
     try:
-        n = len(reader.index())
-        reader.specs()
+        table = reader.table()
+        specs = reader.stored_specs()
+        if manifest.layout is not None and {n: s.to_json() for n, s in specs.items()} != {
+            n: manifest.layout[n].to_json() for n in specs if n in manifest.layout
+        }:
+            raise CacheError("its arrays are not laid out as the manifest says")
+        if index is not None:
+            _compare_with_index(table, index, k)
     except CacheError as exc:
-        bar.update(entry.images)
+        reader.close()
         return 0, [Problem(entry.path, None, f"cannot read the shard: {exc}")]
-    for local in range(n):
-        image_id = entry.image_ids[local]
+    ok, problems = 0, []
+    for local, image_id in enumerate(table.image_id):
+        rows = ImageRows(
+            local,
+            table.teacher_start[local],
+            table.teacher_count[local],
+            table.gt_start[local],
+            table.gt_count[local],
+        )
         try:
-            rec = decode_raw(reader.read_raw(local))
-            if rec.image_id != image_id:
-                raise CacheError(f"record says image {rec.image_id!r}")
+            raw = RawRecord(
+                image_id,
+                table.split,
+                entry.path,
+                tuple(table.orig_hw[local]),
+                tuple(table.input_hw[local]),
+                table.source[local],
+                manifest.header.low_res,
+                manifest.header.codec.stored_dtype.str,
+                reader.fetch(rows),
+            )
+            decode_raw(raw)
             ok += 1
         except CacheError as exc:
-            problems.append(
-                Problem(entry.path, image_id, _strip_prefix(str(exc), entry.path, image_id))
-            )
-        bar.update(1)
+            text = str(exc).removeprefix(f"shard {entry.path}: image {image_id!r}: ")
+            problems.append(Problem(entry.path, image_id, text))
     reader.close()
     return ok, problems
 
 
-def _strip_prefix(message: str, shard: str, image_id: str) -> str:
-    prefix = f"shard {shard}: image {image_id!r}: "
-    return message[len(prefix) :] if message.startswith(prefix) else message
+def _compare_with_index(table: Any, index: CacheIndex, k: int) -> None:
+    """CacheError when the shard's own table and the cache index disagree about shard ``k``."""
+    positions = np.flatnonzero(index.col("shard") == k)
+    if positions.size != len(table):
+        raise CacheError(f"its table lists {len(table)} images, the cache index {positions.size}")
+    for name in ("teacher_start", "teacher_count", "gt_start", "gt_count", "orig_hw", "input_hw"):
+        if not np.array_equal(
+            index.col(name)[positions],
+            np.asarray(getattr(table, name)).reshape(index.col(name)[positions].shape),
+        ):
+            raise CacheError(f"its table and the cache index disagree about {name}")
+    ids = [index.image_id(int(p)) for p in positions]
+    codes = {int(c) for c in index.col("split")[positions]}
+    if ids != table.image_id or codes != {SPLITS.index(table.split)}:
+        raise CacheError("its table and the cache index disagree about image ids or split")
 
 
 def _progress(total: int, enabled: bool, desc: str) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False)
-
-
-# --------------------------------------------------------------------------------------------
-# inspect
-
-
-def inspect_cache(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Summary of a cache: counts, masks per image, bytes per image, codec, teacher, parameters,
-    quantisation statistics and failed images (reads the manifest and each shard's index)."""
-    source = make_source(path)
-    manifest = load_manifest(source)
-    reader = CacheReader(source, manifest)
-    h = manifest.header
-    masks, gts = [], []
-    for k in range(len(manifest.shards)):
-        idx = reader.shard_reader(k).index()
-        masks.extend(idx.teacher_count)
-        gts.extend(idx.gt_count)
-    reader.close()
-    total_bytes = sum(s.bytes for s in manifest.shards)
-    splits: dict[str, int] = {}
-    for s in manifest.shards:
-        splits[s.split] = splits.get(s.split, 0) + s.images
-    clipped = [
-        s.quant.get("clipped_fraction")
-        for s in manifest.shards
-        if s.quant.get("clipped_fraction") is not None
-    ]
-    errors = [
-        s.quant.get("max_err_band")
-        for s in manifest.shards
-        if s.quant.get("max_err_band") is not None
-    ]
-    return {
-        "path": source.describe(),
-        "format_version": h.format_version,
-        "backend": h.backend,
-        "teacher": {"type": h.teacher_type, "checkpoint_sha256": h.checkpoint_sha256},
-        "image_size": h.image_size,
-        "params": h.params,
-        "codec": h.codec.to_json(),
-        "store": h.store.to_json(),
-        "fingerprints": h.fingerprints,
-        "dataset_roots": h.dataset_roots,
-        "shards": len(manifest.shards),
-        "images": manifest.images,
-        "splits": splits,
-        "masks_per_image": _spread(masks),
-        "gt_masks_per_image": _spread(gts),
-        "bytes": total_bytes,
-        "bytes_per_image": total_bytes / manifest.images if manifest.images else None,
-        "quantisation": {
-            "clipped_fraction_max": max(clipped) if clipped else None,
-            "max_err_inside_8": max(errors) if errors else None,
-        },
-        "failed_images": [f.to_json() for f in manifest.failures],
-    }
-
-
-def _spread(values: list[int]) -> dict[str, float | None]:
-    if not values:
-        return {"min": None, "median": None, "max": None}
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)}

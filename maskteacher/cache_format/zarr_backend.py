@@ -1,18 +1,24 @@
 """Zarr v3 shards: a group folder ``<name>.zarr`` with one sharded array per row array.
 
-Written through zarr-python (``create_array`` with ``shards=``): inner chunks are
+Array metadata through zarr-python (``create_array`` with ``shards=``): inner chunks are
 ``(chunk_rows, *row_shape)`` with codecs ``bytes -> zstd -> crc32c`` (float16:
-``bytes -> blosc(zstd, shuffle) -> crc32c``); zarr shards hold several chunks so a cache has few
-files. The group attribute ``maskteacher_index`` holds the per-image table.
+``bytes -> blosc(zstd, shuffle) -> crc32c``); a zarr shard file holds ``chunks_per_file``
+chunks. The writer encodes chunks as they come and writes each zarr shard file once
+(:class:`ZarrShardWriter`; appending through zarr-python made it read and rewrite the growing
+file on every image). The group attribute ``maskteacher_index`` holds the per-image table.
 
-Read without zarr-python: the reader parses the arrays' ``zarr.json``, checks they use exactly
-the codecs above, reads a zarr shard's index (``16 * n + 4`` bytes at the end of the shard file:
-little-endian uint64 (offset, nbytes) per inner chunk, then the crc32c of those bytes) and then
-only the byte ranges of the chunks it needs. Plain ``zarr.open_array`` reads the same data.
+Read without zarr-python: a zarr shard file ends with its index (``16 * n + 4`` bytes:
+little-endian uint64 (offset, nbytes) per inner chunk, then the crc32c of those bytes); the
+reader checks that crc, then reads only the byte ranges of the chunks it needs. Array metadata
+(``zarr.json``) is read only when the manifest does not state the layout (format 1, verify), and
+then checked against the sha256 the shard's file list records. Plain ``zarr.open_array`` reads
+the same data.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from typing import Any
 
 import google_crc32c
@@ -20,20 +26,12 @@ import numpy as np
 
 from maskteacher.cache_format.codecs import ChunkCodec
 from maskteacher.cache_format.errors import CacheError
+from maskteacher.cache_format.jsonio import parse_json
 from maskteacher.cache_format.layout import ArraySpec, ChunkLocation
-from maskteacher.cache_format.manifest import parse_json
 from maskteacher.cache_format.schema import INDEX_KEY
 from maskteacher.cache_format.storage import ByteSource
 
-#: Raw bytes aimed at per zarr shard file (a zarr shard holds whole chunks, at most 1024).
-TARGET_SHARD_BYTES = 32 * 2**20
-MAX_CHUNKS_PER_SHARD = 1024
 _EMPTY = np.uint64(2**64 - 1)
-
-
-def chunks_per_shard(spec: ArraySpec) -> int:
-    per_chunk = spec.chunk_rows * spec.row_nbytes
-    return int(max(1, min(MAX_CHUNKS_PER_SHARD, TARGET_SHARD_BYTES // max(per_chunk, 1))))
 
 
 def _zarr_codecs(codec: ChunkCodec) -> list[Any]:
@@ -55,7 +53,17 @@ def _zarr_codecs(codec: ChunkCodec) -> list[Any]:
 
 
 class ZarrShardWriter:
-    """Writes one shard folder through zarr-python (the caller owns the folder exclusively)."""
+    """Writes one shard folder (the caller owns the folder exclusively).
+
+    zarr-python writes the group and array metadata (``zarr.json``). The chunks are encoded as
+    they arrive, with the same byte pipeline zarr uses (:class:`ChunkCodec`: zstd frame + its
+    crc32c; blosc for float16), and each zarr shard file is written once, when its
+    ``chunks_per_file`` chunks are complete (the last, partial file at ``close``): the encoded
+    chunks one after the other, then the shard index (uint64 offset and length per chunk,
+    ``2**64 - 1`` for an absent chunk, little-endian) and the crc32c of the index. So adding an
+    image costs its own encoding whatever its place in the shard; zarr-python has no way to
+    append encoded chunks to a shard file without reading and rewriting it.
+    """
 
     suffix = ".zarr"
 
@@ -65,33 +73,67 @@ class ZarrShardWriter:
         self.path = path
         self._group = zarr.open_group(store=path, mode="w-", zarr_format=3)
         self._arrays: dict[str, Any] = {}
+        self._chunks: dict[str, list[bytes]] = {}  # encoded chunks of the current file
+        self._rows: dict[str, int] = {}  # rows received
+        self._files: dict[str, int] = {}  # files written
+        self._specs: dict[str, ArraySpec] = {}
 
     def create(self, spec: ArraySpec) -> None:
         if spec.name in self._arrays:
             return
-        shard_rows = spec.chunk_rows * chunks_per_shard(spec)
         self._arrays[spec.name] = self._group.create_array(
             name=spec.name,
             shape=(0, *spec.row_shape),
             chunks=spec.chunk_shape,
-            shards=(shard_rows, *spec.row_shape),
+            shards=(spec.chunk_rows * spec.chunks_per_file, *spec.row_shape),
             dtype=np.dtype(spec.dtype),
             compressors=_zarr_codecs(spec.codec),
             fill_value=0,
             config={"write_empty_chunks": True},
         )
+        self._chunks[spec.name], self._rows[spec.name], self._files[spec.name] = [], 0, 0
+        self._specs[spec.name] = spec
 
     def write(self, spec: ArraySpec, start: int, rows: np.ndarray) -> None:
-        arr = self._arrays[spec.name]
-        end = start + rows.shape[0]
-        arr.resize((end, *spec.row_shape))
-        arr[start:end] = rows
+        """Append whole chunks of rows (``start``: the row they begin at, in order)."""
+        if start != self._rows[spec.name] or rows.shape[0] % spec.chunk_rows:
+            raise CacheError(f"{self.path}: rows of {spec.name} must be whole chunks, in order")
+        chunks = self._chunks[spec.name]
+        for k in range(0, rows.shape[0], spec.chunk_rows):
+            chunks.append(spec.codec.encode(rows[k : k + spec.chunk_rows]))
+            if len(chunks) == spec.chunks_per_file:
+                self._write_file(spec)
+        self._rows[spec.name] += rows.shape[0]
+
+    def _write_file(self, spec: ArraySpec) -> None:
+        """Write the current zarr shard file of ``spec`` (chunks, index, index crc32c)."""
+        chunks = self._chunks[spec.name]
+        index = np.full((spec.chunks_per_file, 2), _EMPTY, "<u8")
+        offset = 0
+        for j, chunk in enumerate(chunks):
+            index[j] = (offset, len(chunk))
+            offset += len(chunk)
+        tail = index.tobytes()
+        key = "/".join(["c", str(self._files[spec.name]), *["0"] * len(spec.row_shape)])
+        path = os.path.join(self.path, spec.name, *key.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.writelines(chunks)
+            f.write(tail + google_crc32c.value(tail).to_bytes(4, "little"))
+        self._files[spec.name] += 1
+        chunks.clear()
 
     def close(self, index: dict[str, Any]) -> None:
+        for name, arr in self._arrays.items():
+            spec = self._specs[name]
+            if self._chunks[name]:
+                self._write_file(spec)
+            arr.resize((self._rows[name], *spec.row_shape))
         self._group.attrs[INDEX_KEY] = index
 
     def abort(self) -> None:
         self._arrays.clear()
+        self._chunks.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,11 +155,8 @@ def _parse_codecs(
         )
     cfg = codecs[0].get("configuration", {})
     inner = cfg.get("codecs", [])
-    index_codecs = cfg.get("index_codecs", [])
-    if cfg.get("index_location", "end") != "end" or [c.get("name") for c in index_codecs] != [
-        "bytes",
-        "crc32c",
-    ]:
+    index_codecs = [c.get("name") for c in cfg.get("index_codecs", [])]
+    if cfg.get("index_location", "end") != "end" or index_codecs != ["bytes", "crc32c"]:
         raise CacheError(f"{where}: array {name!r} has an unsupported zarr shard index layout")
     names = [c.get("name") for c in inner]
     if len(names) != 3 or names[0] != "bytes" or names[2] != "crc32c":
@@ -145,31 +184,48 @@ def _parse_codecs(
 
 
 class ZarrShardReader:
-    """Locates chunks of a finished zarr shard through its ``zarr.json`` files and shard indexes."""
+    """Locates chunks of a finished zarr shard (through its shard-file indexes).
 
-    def __init__(self, source: ByteSource, shard_rel: str) -> None:
+    ``specs``: the manifest's layout (format 2), or None to read each array's ``zarr.json``.
+    ``digests``: sha256 of the shard's files (relative to the shard) that metadata read from the
+    shard is checked against (None: not checked).
+    """
+
+    def __init__(
+        self,
+        source: ByteSource,
+        shard_rel: str,
+        specs: dict[str, ArraySpec] | None = None,
+        digests: dict[str, str] | None = None,
+    ) -> None:
         self.source = source
         self.shard_rel = shard_rel
-        self._shards_per: dict[str, int] = {}
+        self._specs = dict(specs or {})
+        self._digests = digests
         self._index_cache: dict[tuple[str, int], np.ndarray] = {}
-        self._ndim: dict[str, int] = {}
+
+    def _metadata(self, rel: str) -> Any:
+        """A zarr.json of this shard, parsed (sha256-checked when the file list is known)."""
+        raw = self.source.read_all(f"{self.shard_rel}/{rel}")
+        where = self.source.describe(f"{self.shard_rel}/{rel}")
+        if self._digests is not None and self._digests.get(rel) != hashlib.sha256(raw).hexdigest():
+            raise CacheError(f"{where}: fails its sha256 check (contents changed)")
+        return parse_json(raw, where)
 
     def read_index(self) -> Any:
-        group = parse_json(
-            self.source.read_all(f"{self.shard_rel}/zarr.json"),
-            self.source.describe(self.shard_rel),
-        )
+        group = self._metadata("zarr.json")
         attrs = group.get("attributes", {}) if isinstance(group, dict) else {}
-        if INDEX_KEY not in attrs:
+        if not isinstance(attrs, dict) or INDEX_KEY not in attrs:
             raise CacheError(
                 f"{self.source.describe(self.shard_rel)}: zarr group has no {INDEX_KEY!r} attribute"
             )
         return attrs[INDEX_KEY]
 
     def array_spec(self, name: str, expected: ArraySpec) -> ArraySpec:
-        """Read ``<name>/zarr.json``, check it against what the header implies, return the spec."""
+        """Read ``<name>/zarr.json``, check it against ``expected`` (dtype, row shape, codecs),
+        and use it from now on; returns the spec as stored."""
         where = self.source.describe(f"{self.shard_rel}/{name}")
-        meta = parse_json(self.source.read_all(f"{self.shard_rel}/{name}/zarr.json"), where)
+        meta = self._metadata(f"{name}/zarr.json")
         if (
             not isinstance(meta, dict)
             or meta.get("zarr_format") != 3
@@ -191,29 +247,28 @@ class ZarrShardReader:
         grid = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape", [])
         inner, codec = _parse_codecs(meta, name, dtype, where)
         if (
-            inner[1:] != list(expected.row_shape)
+            not inner
+            or inner[1:] != list(expected.row_shape)
             or grid[1:] != list(expected.row_shape)
             or grid[0] % inner[0]
         ):
             raise CacheError(
                 f"{where}: chunks {inner} inside shards {grid} do not fit rows of {list(expected.row_shape)}"
             )
-        self._shards_per[name] = grid[0] // inner[0]
-        self._ndim[name] = len(shape)
-        return ArraySpec(name, expected.dtype, expected.row_shape, int(inner[0]), codec)
+        spec = ArraySpec(
+            name, expected.dtype, expected.row_shape, int(inner[0]), codec, grid[0] // inner[0]
+        )
+        self._specs[name] = spec
+        return spec
 
     def _shard_file(self, name: str, shard: int) -> str:
-        tail = "/".join(["0"] * (self._ndim[name] - 1))
-        return (
-            f"{self.shard_rel}/{name}/c/{shard}/{tail}"
-            if tail
-            else f"{self.shard_rel}/{name}/c/{shard}"
-        )
+        tail = "/".join(["0"] * len(self._specs[name].row_shape))
+        return f"{self.shard_rel}/{name}/c/{shard}/{tail}"
 
     def _shard_index(self, name: str, shard: int) -> tuple[str, np.ndarray]:
         file = self._shard_file(name, shard)
         key = (name, shard)
-        n = self._shards_per[name]
+        n = self._specs[name].chunks_per_file
         if key not in self._index_cache:
             size = self.source.size(file)
             nbytes = 16 * n + 4
@@ -235,7 +290,11 @@ class ZarrShardReader:
         return file, self._index_cache[key]
 
     def locate(self, name: str, chunk: int) -> ChunkLocation:
-        n = self._shards_per[name]
+        if name not in self._specs:
+            raise CacheError(
+                f"{self.source.describe(self.shard_rel)}: no layout known for {name!r}"
+            )
+        n = self._specs[name].chunks_per_file
         file, index = self._shard_index(name, chunk // n)
         off, nbytes = index[chunk % n]
         if off == _EMPTY:
@@ -243,4 +302,4 @@ class ZarrShardReader:
         return ChunkLocation(file, int(off), int(nbytes))
 
     def close(self) -> None:
-        pass
+        self._index_cache.clear()

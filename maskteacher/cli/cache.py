@@ -1,4 +1,4 @@
-"""``maskteacher cache inspect|verify|merge|view``: share and check teacher caches."""
+"""``maskteacher cache inspect|verify|merge|view|upgrade|repair``: share and check teacher caches."""
 
 from __future__ import annotations
 
@@ -13,9 +13,15 @@ from maskteacher.errors import UserError
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("cache", help="inspect, verify, merge and view teacher caches")
+    parser = subparsers.add_parser(
+        "cache", help="inspect, verify, merge, view, upgrade and repair teacher caches"
+    )
     sub = parser.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    for add in (_add_inspect, _add_verify, _add_merge, _add_view, _add_upgrade, _add_repair):
+        add(sub)
 
+
+def _add_inspect(sub: Any) -> None:
     p = sub.add_parser(
         "inspect", help="summarise a cache (images, masks, bytes, codec, teacher, failures)"
     )
@@ -23,14 +29,50 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run_inspect)
 
+
+def _add_verify(sub: Any) -> None:
     p = sub.add_parser(
         "verify", help="recompute checksums and decode everything; exit 1 if anything is bad"
     )
     p.add_argument("path", help="cache folder or fsspec URL")
     p.add_argument("--json", action="store_true", help="print a JSON report")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes checking shards in parallel (default: the CPU cores available)",
+    )
+    p.add_argument(
+        "--checksums-only",
+        action="store_true",
+        help="only the sha256 pass over every file (skip decoding every image)",
+    )
     p.set_defaults(func=run_verify)
 
+
+def _add_upgrade(sub: Any) -> None:
+    p = sub.add_parser(
+        "upgrade", help="convert a format-1 cache to the current format in place (shards kept)"
+    )
+    p.add_argument("path", help="local cache folder")
+    p.add_argument(
+        "--jobs", type=int, default=None, metavar="N", help="processes for the checksum pass"
+    )
+    p.set_defaults(func=run_upgrade)
+
+
+def _add_repair(sub: Any) -> None:
+    p = sub.add_parser(
+        "repair",
+        help="keep one copy of images stored in two shards (two precompute runs at once), finalize",
+    )
+    p.add_argument("path", help="local cache folder")
+    p.set_defaults(func=run_repair)
+
+
+def _add_merge(sub: Any) -> None:
     p = sub.add_parser("merge", help="combine caches (e.g. one per worker) into OUT")
     p.add_argument("out", help="output cache folder (new, or an existing compatible cache)")
     p.add_argument("paths", nargs="+", help="input cache folders")
@@ -39,12 +81,14 @@ def register(subparsers: Any) -> None:
     )
     p.set_defaults(func=run_merge)
 
+
+def _add_view(sub: Any) -> None:
     p = sub.add_parser(
         "view", help="draw one image with its teacher masks and ground-truth outlines"
     )
     p.add_argument("path", help="cache folder or fsspec URL")
     p.add_argument("image_id", help="image id as stored in the cache")
-    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--out", required=True, help="PNG file to write (never an input)")
     p.add_argument(
         "--split", default=None, help="split holding the image (needed if the id is in both)"
     )
@@ -57,7 +101,7 @@ def register(subparsers: Any) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from maskteacher.cache_format.verify import inspect_cache
+    from maskteacher.cache_format.summary import inspect_cache
 
     info = inspect_cache(args.path)
     if args.json:
@@ -107,18 +151,51 @@ def format_inspect(info: dict[str, Any]) -> str:
 def run_verify(args: argparse.Namespace) -> int:
     from maskteacher.cache_format.verify import verify_cache
 
-    report = verify_cache(args.path, progress=not args.quiet and not args.json)
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
+    report = verify_cache(
+        args.path,
+        progress=not args.quiet and not args.json,
+        jobs=args.jobs,
+        checksums_only=args.checksums_only,
+    )
     if args.json:
         print(json.dumps(report.to_json(), indent=1))
     else:
         for problem in report.problems:
             print(f"BAD {problem}")
         state = "OK" if report.ok else f"{len(report.problems)} problem(s)"
-        print(
-            f"{state}: {report.images_ok}/{report.images} images decoded, {report.files} files in "
-            f"{report.shards} shards checked"
-        )
+        decoded = f"{report.images_ok}/{report.images} images decoded, " if report.decoded else ""
+        print(f"{state}: {decoded}{report.files} files in {report.shards} shards checked")
     return 0 if report.ok else 1
+
+
+def run_upgrade(args: argparse.Namespace) -> int:
+    from maskteacher.cache_format.upgrade import upgrade_cache
+
+    manifest, converted = upgrade_cache(args.path, jobs=args.jobs, progress=True)
+    if converted:
+        print(
+            f"upgraded {args.path} to format {manifest.version}: {manifest.images} images in {len(manifest.shards)} shards"
+        )
+    else:
+        print(f"{args.path} is already format {manifest.version}: nothing to do")
+    return 0
+
+
+def run_repair(args: argparse.Namespace) -> int:
+    from maskteacher.cache_format.repair import repair_cache
+
+    report = repair_cache(args.path)
+    for path in report.shards_deleted:
+        print(f"deleted {path} (all its images are in earlier shards)")
+    for path in report.shards_rewritten:
+        print(f"wrote {path} without the images earlier shards hold")
+    images = report.manifest.images if report.manifest else 0
+    print(
+        f"repaired {args.path}: {report.copies_dropped} duplicate copies dropped; {images} images in the manifest"
+    )
+    return 0
 
 
 def run_merge(args: argparse.Namespace) -> int:
@@ -142,7 +219,9 @@ def run_view(args: argparse.Namespace) -> int:
     reader = open_cache(args.path, split=args.split)
     rec = reader[reader.index_of(args.image_id, args.split)]
     header = reader.header
-    image = _load_image(args.image or _source_path(header, rec), rec)
+    image_path = args.image or _source_path(header, rec)
+    _refuse_overwriting_inputs(args.out, args.path, image_path, header.dataset_roots)
+    image = _load_image(image_path, rec)
     size, input_hw, orig_hw = header.image_size, tuple(rec.input_hw), tuple(rec.orig_hw)
     teacher = (
         lowres_to_original(
@@ -154,6 +233,21 @@ def run_view(args: argparse.Namespace) -> int:
     save_png(args.out, draw_masks(image, teacher, outlines=gt))
     print(f"wrote {args.out}: {rec.num_masks} teacher masks, {rec.num_gt} ground-truth outlines")
     return 0
+
+
+def _refuse_overwriting_inputs(out: str, cache: str, image: str, roots: dict[str, str]) -> None:
+    """--out must not be the image read, nor lie inside the cache or a dataset folder."""
+    from maskteacher.cache_format.paths import inside
+
+    if os.path.exists(out) and os.path.exists(image) and os.path.samefile(out, image):
+        raise UserError(f"--out {out} is the image being drawn; choose another file")
+    inputs = [("the cache", cache)] if "://" not in cache else []
+    inputs += [(f"the {split} dataset folder", root) for split, root in sorted(roots.items())]
+    for what, folder in inputs:
+        if inside(os.path.dirname(os.path.abspath(out)) or ".", folder):
+            raise UserError(
+                f"--out {out} lies inside {what} ({folder}); write the picture elsewhere"
+            )
 
 
 def _source_path(header: Any, rec: Any) -> str:

@@ -9,19 +9,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import typing
 
-from maskteacher.data import DATASET_FORMATS, dataset_stats, make_sample
+from maskteacher.config import DatasetConfig
 
 EXIT_BAD_ITEMS = 1
 
 
+def dataset_formats() -> tuple[str, ...]:
+    """The dataset layouts ``dataset.format`` accepts (the config's Literal), read without
+    importing the data readers (they import torch)."""
+    hint = typing.get_type_hints(DatasetConfig)["format"]
+    return tuple(a for arg in typing.get_args(hint) for a in typing.get_args(arg))
+
+
 def _make_sample(args: argparse.Namespace) -> int:
+    from maskteacher.data import make_sample
+
     out = make_sample(args.out, format=args.format, images=args.images, seed=args.seed)
     print(f"wrote {args.images} {args.format} sample images (seed {args.seed}) to {out}")
     return 0
 
 
 def _stats(args: argparse.Namespace) -> int:
+    from maskteacher.data import dataset_stats
+
     stats = dataset_stats(args.root, format=args.format, full=args.full)
     if args.json:
         print(json.dumps(stats.to_dict(), indent=2))
@@ -42,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     make.add_argument("out", help="new (or empty) output folder")
     make.add_argument(
-        "--format", choices=DATASET_FORMATS, default="folder", help="layout (default: folder)"
+        "--format", choices=dataset_formats(), default="folder", help="layout (default: folder)"
     )
     make.add_argument("--images", type=int, default=8, help="number of images (default: 8)")
     make.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -57,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "1 when bad items exist (0 with --skip-bad), 2 when unreadable.",
     )
     stats.add_argument("root", help="dataset folder, or COCO instances JSON")
-    stats.add_argument("--format", choices=DATASET_FORMATS, default=None, help="default: detect")
+    stats.add_argument("--format", choices=dataset_formats(), default=None, help="default: detect")
     stats.add_argument(
         "--skip-bad", action="store_true", help="bad items are acceptable (skipped): exit 0 anyway"
     )

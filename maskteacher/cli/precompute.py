@@ -17,12 +17,20 @@ def register(subparsers: Any) -> None:
             "cache_path with --teacher). Resumable: re-running skips images in finished shards. "
             "Parallel: under torchrun every rank writes its own shards on its own GPU "
             "(LOCAL_RANK); job arrays pass --num-shards/--shard-index (same cache folder, or "
-            "one --output per task combined with 'maskteacher cache merge'). Exit code 1 when "
+            "one --output per task combined with 'maskteacher cache merge'); one process per "
+            "slice of the work: a second one for the same slice is refused. Exit code 1 when "
             "more than precompute.max_failed_fraction of the images failed or --verify found a "
-            "mismatch, 2 on bad input."
+            "mismatch, 2 on bad input, 143 on SIGTERM (the unfinished shard is removed)."
         ),
     )
     add_config_arguments(p)
+    _add_work_arguments(p)
+    _add_verify_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _add_work_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--teacher",
         metavar="NAME",
@@ -57,6 +65,9 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--limit", type=int, metavar="N", help="only the first N images of each split (a trial run)"
     )
+
+
+def _add_verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--verify",
         type=int,
@@ -73,8 +84,6 @@ def register(subparsers: Any) -> None:
         metavar="LOGITS",
         help="recomputation tolerance on top of the codec bound (default 0.02, 0.5 with bf16)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,13 +8,9 @@ trainer's online teacher.
 
 from maskteacher.models.everything import GenerationParams
 from maskteacher.precompute.distributed import WorkerContext, resolve_device
-from maskteacher.precompute.job import (
-    PrecomputeJob,
-    PrecomputeSummary,
-    SplitSource,
-    make_header,
-    run_precompute,
-)
+from maskteacher.precompute.job import PrecomputeJob, SplitSource
+from maskteacher.precompute.run import make_header, run_precompute
+from maskteacher.precompute.summary import PrecomputeSummary
 from maskteacher.precompute.teacher import (
     TeacherSpec,
     build_teacher,

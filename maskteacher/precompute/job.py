@@ -1,63 +1,24 @@
-"""``maskteacher precompute``: run the teacher once over a dataset and write the cache.
-
-:class:`PrecomputeJob` holds every setting as a plain field (:meth:`PrecomputeJob.from_config`
-translates the config, the only place that sees it); :func:`run_precompute` runs it:
-
-1. join torchrun's process group if there is one; pick the device (``LOCAL_RANK``'s GPU);
-2. open the splits, build the teacher, ``init_cache`` with the header (teacher type, checkpoint
-   sha256, image size, generation parameters, codec, store flags, dataset fingerprints and
-   roots) -- a cache folder made with anything else is refused, naming the field;
-3. plan shards (:mod:`.plan`), skip images already in finished shards, and stream this worker's
-   pending images through DataLoader workers (:mod:`.loader`) -> ``generate_everything`` ->
-   the background shard writer (:mod:`.sink`); unreadable images are recorded as failures;
-4. sum the counts over the ranks (the barrier), let rank 0 finalize the manifest, optionally
-   re-run the teacher on K cached images (:mod:`.verify`), and return a summary whose
-   ``exit_code`` is 1 when more than ``max_failed_fraction`` of the images failed or the
-   verification found a mismatch.
+"""What one ``maskteacher precompute`` run does: :class:`PrecomputeJob`, every setting as a plain
+field. :meth:`PrecomputeJob.from_config` translates the config (the only place that sees it);
+:meth:`PrecomputeJob.check` refuses settings no run can use, before anything is written.
+:func:`maskteacher.precompute.run.run_precompute` runs a job.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import functools
 import logging
-import os
-import time
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
-from maskteacher.cache_format import (
-    CacheHeader,
-    CacheRecord,
-    Codec,
-    StoreFlags,
-    completed_ids,
-    dataset_fingerprint,
-    finalize,
-    init_cache,
-    record_failure,
-)
-from maskteacher.cache_format.schema import empty_teacher
+from maskteacher.cache_format import Codec, StoreFlags
 from maskteacher.data import open_dataset
 from maskteacher.data.dataset import SegmentationDataset
 from maskteacher.errors import UserError
-from maskteacher.models.everything import GenerationParams, encode_images, generate_everything
-from maskteacher.models.hq import is_hq_type
-from maskteacher.precompute.distributed import WorkerContext, resolve_device
-from maskteacher.precompute.loader import ImageLoader, LoadedImage, make_loader, source_root
-from maskteacher.precompute.plan import WorkItem, assigned_items, next_shard_name, plan_split
-from maskteacher.precompute.sink import ShardSink, SinkStats
-from maskteacher.precompute.teacher import TeacherSpec, build_teacher
-from maskteacher.precompute.verify import TeacherVerifyResult, verify_with_teacher
+from maskteacher.models.everything import GenerationParams
+from maskteacher.precompute.teacher import TeacherSpec
 
 log = logging.getLogger(__name__)
-
-FINALIZE_LOCK = ".finalize.lock"
 
 
 @dataclass(frozen=True)
@@ -104,6 +65,8 @@ class PrecomputeJob:
     verify_seed: int = 0
     verify_tolerance: float | None = None
     progress: bool = True
+    #: config key naming the cache folder (for error messages)
+    cache_key: str = "mask_teacher.cache_path"
 
     @classmethod
     def from_config(
@@ -122,32 +85,13 @@ class PrecomputeJob:
         configured splits; options: the remaining fields (num_shards, shard_index, limit,
         verify, verify_seed, verify_tolerance, progress).
         """
-        from maskteacher.config import resolve_teacher_type
-
         pc = cfg.precompute
-        image_size = cfg.model.image_size
-        if teacher is None:
-            mt = cfg.mask_teacher
-            spec = TeacherSpec(mt.teacher_type, mt.checkpoint_path, image_size, mt.strict)
-            cache_path, where = mt.cache_path, "mask_teacher.cache_path"
-        else:
-            entry = next((t for t in cfg.teachers if t.name == teacher), None)
-            if entry is None:
-                names = ", ".join(t.name for t in cfg.teachers) or "none configured"
-                raise UserError(f"--teacher {teacher}: no teachers entry of that name ({names})")
-            spec = TeacherSpec(
-                resolve_teacher_type(entry),
-                entry.checkpoint,
-                image_size,
-                entry.strict,
-                config_keys=(f"teachers '{teacher}' type", f"teachers '{teacher}' strict"),
-            )
-            cache_path, where = entry.cache_path, f"teachers '{teacher}' cache_path"
-        cache_path = output or cache_path
-        if not cache_path:
+        spec, cache_path, where = _teacher_and_cache(cfg, teacher)
+        if not (output or cache_path):
             raise UserError(
                 f"{where} is not set; set it to the folder the cache goes to (or pass --output DIR)"
             )
+        where, cache_path = ("--output", output) if output else (where, cache_path)
         return cls(
             cache_path=str(cache_path),
             teacher=spec,
@@ -166,8 +110,48 @@ class PrecomputeJob:
             num_workers=pc.num_workers,
             device=pc.device,
             max_failed_fraction=pc.max_failed_fraction,
+            cache_key=where,
             **options,
         )
+
+    def check(self) -> None:
+        """UserError (one line, naming the key) for settings no run can use."""
+        if self.batch_size < 1 or self.shard_size < 1:
+            raise UserError("precompute.batch_size and precompute.shard_size must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"--limit must be >= 1, got {self.limit}")
+        for name, value in vars(self.generation).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"precompute.{name}: got {value}; expected a finite number")
+        if "://" in self.cache_path:
+            raise UserError(
+                f"{self.cache_key} {self.cache_path}: precompute writes a local folder, not a URL; "
+                "write the cache locally and copy it (URLs are for reading a finished cache)"
+            )
+
+
+def _teacher_and_cache(cfg: Any, teacher: str | None) -> tuple[TeacherSpec, str | None, str]:
+    """(the teacher, its cache_path, the config key naming it): ``mask_teacher``, or the
+    ``teachers`` entry named ``teacher``."""
+    from maskteacher.config import resolve_teacher_type
+
+    image_size = cfg.model.image_size
+    if teacher is None:
+        mt = cfg.mask_teacher
+        spec = TeacherSpec(mt.teacher_type, mt.checkpoint_path, image_size, mt.strict)
+        return spec, mt.cache_path, "mask_teacher.cache_path"
+    entry = next((t for t in cfg.teachers if t.name == teacher), None)
+    if entry is None:
+        names = ", ".join(t.name for t in cfg.teachers) or "none configured"
+        raise UserError(f"--teacher {teacher}: no teachers entry of that name ({names})")
+    spec = TeacherSpec(
+        resolve_teacher_type(entry),
+        entry.checkpoint,
+        image_size,
+        entry.strict,
+        config_keys=(f"teachers '{teacher}' type", f"teachers '{teacher}' strict"),
+    )
+    return spec, entry.cache_path, f"teachers '{teacher}' cache_path"
 
 
 def _split_sources(ds: Any, wanted: list[str] | None) -> list[SplitSource]:
@@ -190,294 +174,3 @@ def _split_sources(ds: Any, wanted: list[str] | None) -> list[SplitSource]:
             )
         )
     return out
-
-
-@dataclass
-class PrecomputeSummary:
-    """Figures of one run, summed over the torchrun ranks of this task.
-
-    planned: images of this task's shards (within ``limit``); cached_before: those already in
-    finished shards; written / masks / bytes: what this run wrote; failed: images that could
-    not be processed (plus items the dataset scan skipped, counted by worker 0). wall_s: the
-    run up to the last shard (startup, opening the data, building the teacher); generate_s: the
-    generation loop from the first image to the last shard on disk (slowest rank), which
-    ``images_per_s`` is measured on.
-    """
-
-    cache_path: str
-    workers: int
-    planned: int
-    cached_before: int
-    written: int
-    masks: int
-    bytes: int
-    failed: int
-    wall_s: float
-    generate_s: float
-    max_failed_fraction: float
-    manifest_images: int | None = None
-    verify: TeacherVerifyResult | None = None
-
-    @property
-    def failed_fraction(self) -> float:
-        return self.failed / max(1, self.planned)
-
-    @property
-    def images_per_s(self) -> float:
-        return self.written / self.generate_s if self.generate_s > 0 else 0.0
-
-    @property
-    def exit_code(self) -> int:
-        too_many = self.failed_fraction > self.max_failed_fraction
-        return 1 if too_many or (self.verify is not None and not self.verify.ok) else 0
-
-    def format(self) -> str:
-        per_image = self.masks / self.written if self.written else 0.0
-        kb = self.bytes / self.written / 1024 if self.written else 0.0
-        lines = [
-            f"precompute: {self.written} images written, {self.cached_before} already cached, "
-            f"{self.failed} failed, of {self.planned} planned ({self.workers} worker(s))",
-            f"  masks {self.masks} ({per_image:.1f} per image), {kb:.1f} KB per image, "
-            f"wall {self.wall_s:.1f} s (generation {self.generate_s:.1f} s, "
-            f"{self.images_per_s:.2f} images/s)",
-        ]
-        if self.manifest_images is not None:
-            lines.append(f"  cache {self.cache_path}: {self.manifest_images} images in manifest")
-        if self.failed_fraction > self.max_failed_fraction:
-            lines.append(
-                f"  FAILED: {self.failed_fraction:.2%} of the images failed, more than "
-                f"precompute.max_failed_fraction = {self.max_failed_fraction:g} (see the "
-                "manifest's failures)"
-            )
-        if self.verify is not None:
-            lines.append(self.verify.format())
-        return "\n".join(lines)
-
-
-def run_precompute(job: PrecomputeJob) -> PrecomputeSummary:
-    """Run ``job`` in this process (one worker; see the module docstring)."""
-    ctx = WorkerContext.from_env(num_shards=job.num_shards, shard_index=job.shard_index)
-    ctx.init()
-    try:
-        return _run(job, ctx)
-    finally:
-        ctx.close()
-
-
-def _run(job: PrecomputeJob, ctx: WorkerContext) -> PrecomputeSummary:
-    start = time.perf_counter()
-    if job.batch_size < 1 or job.shard_size < 1:
-        raise UserError("precompute.batch_size and precompute.shard_size must be >= 1")
-    if job.limit is not None and job.limit < 1:
-        raise UserError(f"--limit must be >= 1, got {job.limit}")
-    device = resolve_device(job.device, ctx.local_rank)
-    datasets = {s.split: s.open() for s in job.splits}
-    uses_model = job.store.teacher or job.store.embedding or job.verify > 0
-    model = build_teacher(job.teacher, device) if uses_model else None
-    header = make_header(job, datasets, identity=job.teacher.identity(model))
-    init_cache(job.cache_path, header)
-
-    plans = [
-        plan_split(split, ds.image_ids, job.shard_size, job.limit) for split, ds in datasets.items()
-    ]
-    done = completed_ids(job.cache_path)
-    shards = list(assigned_items(plans, worker=ctx.worker, num_workers=ctx.num_workers))
-    planned = sum(len(s) for s in shards)
-    pending = [it for s in shards for it in s if it.image_id not in done.get(it.split, ())]
-    scan_failures = _record_scan_failures(job, ctx, datasets)
-    generate_start = time.perf_counter()
-    stats = _generate(job, ctx, model, datasets, pending, device)
-    generate_s = time.perf_counter() - generate_start
-
-    totals = [
-        int(v)
-        for v in ctx.sum(
-            [planned, planned - len(pending), stats.images, stats.masks, stats.bytes]
-            + [stats.failures, scan_failures]
-        )
-    ]
-    wall, generate_s = ctx.max([time.perf_counter() - start, generate_s])
-    summary = PrecomputeSummary(
-        cache_path=job.cache_path,
-        workers=ctx.world_size,
-        planned=totals[0] + totals[6],
-        cached_before=totals[1],
-        written=totals[2],
-        masks=totals[3],
-        bytes=totals[4],
-        failed=totals[5] + totals[6],
-        wall_s=wall,
-        generate_s=generate_s,
-        max_failed_fraction=job.max_failed_fraction,
-    )
-    if ctx.is_main:
-        with _finalize_lock(job.cache_path):
-            summary.manifest_images = finalize(job.cache_path).images
-        if job.verify > 0:
-            summary.verify = verify_with_teacher(
-                job.cache_path,
-                model,
-                datasets,
-                count=job.verify,
-                generation=job.generation,
-                seed=job.verify_seed,
-                tolerance=job.verify_tolerance,
-            )
-    return summary
-
-
-def make_header(
-    job: PrecomputeJob, datasets: dict[str, SegmentationDataset], *, identity: str
-) -> CacheHeader:
-    """The cache header of ``job``: what a resumed, parallel or merged run must match."""
-    teacher_type = job.teacher.built_type()  # vit_h_hq for the spec's vit_h + a SAM-HQ file
-    return CacheHeader(
-        teacher_type=teacher_type,
-        checkpoint_sha256=identity,
-        image_size=job.teacher.image_size,
-        params=job.generation.header_params(hq=is_hq_type(teacher_type)),
-        codec=job.codec,
-        store=job.store,
-        backend=job.backend,
-        fingerprints={
-            s: dataset_fingerprint(ds.fingerprint_entries()) for s, ds in datasets.items()
-        },
-        dataset_roots={s: str(source_root(ds).resolve()) for s, ds in datasets.items()},
-    )
-
-
-def _record_scan_failures(
-    job: PrecomputeJob, ctx: WorkerContext, datasets: dict[str, SegmentationDataset]
-) -> int:
-    """Items the dataset scan skipped (``skip_bad``) go to the failure log once (worker 0)."""
-    if ctx.worker != 0:
-        return 0
-    count = 0
-    for split, ds in datasets.items():
-        for item, reason in ds.bad_items:
-            record_failure(job.cache_path, ctx.worker_name, item, split, f"dataset scan: {reason}")
-            count += 1
-    return count
-
-
-def _generate(
-    job: PrecomputeJob,
-    ctx: WorkerContext,
-    model: torch.nn.Module | None,
-    datasets: dict[str, SegmentationDataset],
-    pending: list[WorkItem],
-    device: torch.device,
-) -> SinkStats:
-    """Stream ``pending`` through the loader, the teacher and the shard sink."""
-    loader = make_loader(
-        ImageLoader(datasets, pending, image_size=job.teacher.image_size, with_gt=job.store.gt),
-        batch_size=job.batch_size,
-        num_workers=job.num_workers,
-    )
-    desc = "precompute" if ctx.num_workers == 1 else f"precompute {ctx.worker_name}"
-    bar = tqdm(
-        total=len(pending),
-        unit="img",
-        desc=desc,
-        disable=not (job.progress and ctx.is_main),
-        dynamic_ncols=True,
-    )
-    sink = ShardSink(job.cache_path, ctx.worker_name)
-    current: tuple[str, int] | None = None
-    images = masks = 0
-    try:
-        for batch in loader:
-            key = (batch[0].item.split, batch[0].item.shard)
-            if key != current:
-                name_fn = functools.partial(
-                    next_shard_name, job.cache_path, key[0], key[1], job.backend
-                )
-                sink.begin(key[0], name_fn)
-                current = key
-            for failed in (b for b in batch if b.error is not None):
-                log.warning("image %s (%s) failed: %s", failed.item.image_id, key[0], failed.error)
-                sink.fail(failed.item.image_id, failed.item.split, failed.error or "")
-            for record in _records(job, model, [b for b in batch if b.error is None], device):
-                sink.add(record)
-                images += 1
-                masks += record.num_masks
-            bar.update(len(batch))
-            bar.set_postfix(masks_per_image=f"{masks / max(images, 1):.1f}", refresh=False)
-        stats = sink.close()
-    except BaseException:
-        sink.abort()
-        raise
-    finally:
-        bar.close()
-    return stats
-
-
-def _records(
-    job: PrecomputeJob, model: torch.nn.Module | None, batch: list[LoadedImage], device
-) -> list[CacheRecord]:
-    """Cache records of the successfully loaded images of one batch."""
-    if not batch:
-        return []
-    low = job.teacher.image_size // 4
-    input_hw = [b.input_hw for b in batch]
-    orig_hw = [b.orig_hw for b in batch]
-    outputs = embeddings = None
-    if model is not None and (job.store.teacher or job.store.embedding):
-        images = torch.stack([b.image for b in batch]).to(device, non_blocking=True)
-        if job.store.teacher:
-            outputs = generate_everything(
-                model,
-                images,
-                input_hw,
-                orig_hw,
-                **job.generation.generator_kwargs(),
-                return_embedding=job.store.embedding,
-                return_tokens=job.store.tokens,
-            )
-        else:
-            embeddings = encode_images(
-                model, images, torch.tensor(input_hw), bf16=job.generation.bf16
-            )
-    records = []
-    for i, b in enumerate(batch):
-        if outputs is not None:
-            out = outputs[i].to("cpu")
-            teacher = {
-                "teacher_logits": out.logits.numpy(),
-                "teacher_points": out.points.numpy(),
-                "teacher_iou": out.iou.numpy(),
-                "teacher_stability": out.stability.numpy(),
-                "teacher_boxes": out.boxes.numpy(),
-            }
-            embedding, tokens = out.embedding, out.tokens
-        else:
-            teacher = empty_teacher(low)
-            embedding = None if embeddings is None else embeddings[i].cpu()
-            tokens = None
-        gt = b.gt if b.gt is not None else np.zeros((0, low, low), bool)
-        records.append(
-            CacheRecord(
-                image_id=b.item.image_id,
-                split=b.item.split,
-                orig_hw=np.asarray(b.orig_hw, np.int64),
-                input_hw=np.asarray(b.input_hw, np.int64),
-                gt_masks=gt,
-                embedding=None if embedding is None else embedding.numpy(),
-                tokens=None if tokens is None else tokens.numpy(),
-                source=b.source,
-                **teacher,
-            )
-        )
-    return records
-
-
-@contextlib.contextmanager
-def _finalize_lock(root: str):
-    """Serialise ``finalize`` between job-array tasks sharing one cache folder, so the last
-    manifest written is built after every task's last shard."""
-    fd = os.open(os.path.join(root, FINALIZE_LOCK), os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)

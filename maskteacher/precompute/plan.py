@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from maskteacher.cache_format.manifest import SHARDS_DIR
+from maskteacher.cache_format.paths import SHARDS_DIR
 from maskteacher.cache_format.schema import SHARD_SUFFIX
 
 _MAX_ATTEMPTS = 100

@@ -18,17 +18,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from maskteacher.cache_format import CacheRecord, ShardWriter, record_failure
-from maskteacher.cache_format.schema import ShardEntry
+from maskteacher.cache_format.manifest import ShardEntry
 
 _STOP = object()
 
 
 @dataclass
 class SinkStats:
-    """What the sink wrote: finished shards (with their manifest entries) and failures."""
+    """What the sink wrote: finished shards (with their manifest entries) and failures; ``empty``
+    (set by the generation loop): written images on which the teacher kept no mask."""
 
     shards: list[ShardEntry] = field(default_factory=list)
     failures: int = 0
+    empty: int = 0
 
     @property
     def images(self) -> int:

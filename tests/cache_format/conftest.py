@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,3 +115,54 @@ def small_cache(tmp_path, write_cache, request):
     }
     manifest = write_cache(root, header(backend), shards)
     return root, manifest, shards
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture
+def v1_cache(tmp_path):
+    """v1_cache(backend) -> a writable copy of the format-1 cache written by the format-1 code
+    (fixtures/make_v1_caches.py); ``v1_expected(backend)`` gives its records' digests."""
+
+    def copy(backend: str) -> str:
+        dst = tmp_path / f"v1-{backend}"
+        shutil.copytree(FIXTURES / "v1" / backend, dst)
+        return os.fspath(dst)
+
+    return copy
+
+
+@pytest.fixture(scope="session")
+def v1_expected():
+    data = json.loads((FIXTURES / "v1" / "expected.json").read_text())
+    return lambda key: data[key]
+
+
+@pytest.fixture
+def write_cache_with_duplicates(monkeypatch, write_cache):
+    """write_cache_with_duplicates(root) -> root of a format-2 cache whose index lists image
+    'a0' in two shards (finalized past the writer's refusal, as a foreign or broken tool could)."""
+    import maskteacher.cache_format.writer as writer
+
+    def make(root) -> str:
+        rng = np.random.default_rng(11)
+        init_cache(root, header())
+        for name, ids in (("w0-00000", ["a0", "a1"]), ("w1-00000", ["a0", "b1"])):
+            with ShardWriter(root, name, split="train") as w:
+                for i in ids:
+                    w.add(record(rng, i, n=2, m=1))
+        real_scan = writer.scan_cache
+
+        def unchecked(r, *, repair=False):
+            hdr = writer.load_header(os.fspath(r))
+            names = writer.finished_shards(os.fspath(r), hdr)
+            shards = [writer.shard_entry(os.fspath(r), n, hdr, repair=repair) for n in names]
+            return writer.CacheScan(hdr, shards, [])
+
+        monkeypatch.setattr(writer, "scan_cache", unchecked)
+        finalize(root)
+        monkeypatch.setattr(writer, "scan_cache", real_scan)
+        return os.fspath(root)
+
+    return make

@@ -62,10 +62,13 @@ def test_symlink_leading_outside_is_refused(small_cache, tmp_path):
 
 def test_manifest_version_and_format_checked(small_cache):
     root, _, _ = small_cache
-    _edit_manifest(root, lambda d: d.update(format_version=2))
-    with pytest.raises(CacheError, match="format_version is 2 but this reader reads version 1"):
+    _edit_manifest(root, lambda d: d.update(format_version=3))
+    with pytest.raises(CacheError, match="format_version is 3 but this reader reads versions 1, 2"):
         open_cache(root)
-    _edit_manifest(root, lambda d: d.update(format_version=1, format="pickle"))
+    _edit_manifest(root, lambda d: d.update(format_version=1))
+    with pytest.raises(CacheError, match="shard entries do not match format_version 1"):
+        open_cache(root)
+    _edit_manifest(root, lambda d: d.update(format_version=2, format="pickle"))
     with pytest.raises(CacheError, match="not a maskteacher-cache document"):
         open_cache(root)
 
@@ -76,15 +79,58 @@ def test_manifest_types_checked(small_cache):
     with pytest.raises(CacheError, match=r"shards\[0\]: field 'images' must be int"):
         open_cache(root)
     _edit_manifest(root, lambda d: d["shards"][0].update(images=4))
-    with pytest.raises(CacheError, match="'images' is 4 but 3 image ids are listed"):
+    with pytest.raises(CacheError, match="the index holds 5 images, the shards 6"):
+        open_cache(root)
+    _edit_manifest(root, lambda d: d["shards"][0].update(images=3, sidecar=[]))
+    with pytest.raises(CacheError, match=r"shards\[0\]: sidecar: expected a JSON object"):
         open_cache(root)
 
 
-def test_duplicate_ids_in_manifest_refused(small_cache):
-    root, _, _ = small_cache
+def test_duplicate_ids_in_manifest_refused(tmp_path, write_cache_with_duplicates):
+    root = write_cache_with_duplicates(tmp_path / "dup")
+    with pytest.raises(
+        CacheError, match="image 'a0' \\(train\\) is in shards .*w0-00000.* and .*w1-00000"
+    ):
+        open_cache(root)
+
+
+def test_format1_duplicates_refused(v1_cache):
+    root = v1_cache("zarr")
     _edit_manifest(root, lambda d: d["shards"][1].update(image_ids=["a0", "b1"]))
-    with pytest.raises(CacheError, match="image 'a0' \\(train\\) is in shards"):
+    with pytest.raises(CacheError, match="its image ids differ from the manifest's list"):
         open_cache(root)
+
+
+def test_deeply_nested_or_huge_json_is_one_error(small_cache, monkeypatch):
+    """Issue 11 item 12: a nested manifest was a RecursionError; the size is bounded too."""
+    root, _, _ = small_cache
+    path = os.path.join(root, "manifest.json")
+    with open(path, "w") as f:
+        f.write("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(CacheError, match="nested too deeply"):
+        open_cache(root)
+    with open(path, "w") as f:
+        json.dump({"format": "maskteacher-cache", "x": [[[[[[[[[[1]]]]]]]]]]}, f)
+    with pytest.raises(CacheError, match="format_version"):
+        open_cache(root)
+    import maskteacher.cache_format.jsonio as jsonio
+
+    monkeypatch.setattr(jsonio, "MAX_JSON_BYTES", 20)
+    with pytest.raises(CacheError, match="bytes of JSON, more than the 20 accepted"):
+        open_cache(root)
+
+
+def test_free_form_header_fields_are_depth_bounded(tmp_path, make_header):
+    from maskteacher.cache_format import init_cache
+
+    deep: dict = {}
+    node = deep
+    for _ in range(12):
+        node["x"] = {}
+        node = node["x"]
+    init_cache(tmp_path / "c", make_header(params={"points_per_side": 8, "deep": deep}))
+    with pytest.raises(CacheError, match="'params' is nested more than 8 deep"):
+        init_cache(tmp_path / "c", make_header())
 
 
 def test_not_a_cache_and_unfinished_cache(tmp_path, make_header):
@@ -100,7 +146,7 @@ def test_not_a_cache_and_unfinished_cache(tmp_path, make_header):
 def test_expect_mismatches_name_field_and_values(small_cache):
     root, manifest, _ = small_cache
     ok = {
-        "format_version": 1,
+        "format_version": 2,
         "teacher_type": "vit_t",
         "checkpoint_sha256": "ab" * 32,
         "codec": "int8",
@@ -121,7 +167,7 @@ def test_expect_mismatches_name_field_and_values(small_cache):
         ({"codec": "fp16"}, "field 'codec' is 'int8' in the cache but 'fp16'"),
         ({"clip": 8.0}, "field 'clip' is 12.0 in the cache but 8.0"),
         ({"image_size": 1024}, "field 'image_size' is 64 in the cache but 1024"),
-        ({"format_version": 2}, "field 'format_version' is 1"),
+        ({"format_version": 1}, "field 'format_version' is 2"),
         ({"points_per_side": 32}, "field 'params.points_per_side' is 8 in the cache but 32"),
         ({"box_nms_thresh": 0.7}, "field 'params.box_nms_thresh' is missing from the cache"),
         (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -229,3 +230,124 @@ def test_merge_into_itself_finalizes_in_place(tmp_path, make_header, make_record
     assert main(["cache", "merge", str(root), str(root)]) == 0
     assert open_cache(root).image_ids == ["only"]
     assert sorted(os.listdir(root / "shards")) == ["s-00000.json", "s-00000.zarr"]
+
+
+def test_merge_copies_only_listed_files_and_never_follows_links_out(
+    tmp_path, write_cache, make_header, make_record, capsys
+):
+    """Issue 11 item 10: a symlink in a source cache could copy files from outside the cache
+    (a private key next to it) into the merged cache."""
+    a, b = _two_workers(tmp_path, write_cache, make_header, make_record)
+    secret = tmp_path / "id_rsa"
+    secret.write_text("PRIVATE KEY")
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "more.pem").write_text("PRIVATE KEY 2")
+    shard = a / "shards" / "rank0-00000.zarr"
+    os.symlink(secret, shard / "stolen")
+    os.symlink(tmp_path / "keys", shard / "teacher_meta" / "keys")
+    for copy in (False, True):
+        out = tmp_path / f"merged-{copy}"
+        argv = ["cache", "merge", str(out), str(a), str(b)] + (["--copy"] if copy else [])
+        assert main(argv) == 0
+        capsys.readouterr()
+        for folder, dirs, names in os.walk(out):
+            for name in dirs + names:
+                path = os.path.join(folder, name)
+                assert not os.path.islink(path)
+                if os.path.isfile(path):
+                    assert b"PRIVATE KEY" not in Path(path).read_bytes()
+        assert main(["cache", "verify", str(out), "--quiet"]) == 0
+        capsys.readouterr()
+    report = json.loads(_json_out(["cache", "verify", str(a), "--json"], capsys, code=1))
+    messages = {p["message"] for p in report["problems"]}
+    assert "shards/rank0-00000.zarr/stolen is a symlink (a cache holds no links)" in messages
+    assert (
+        "shards/rank0-00000.zarr/teacher_meta/keys is a symlink (a cache holds no links)"
+        in messages
+    )
+    # a listed file replaced by a link to the outside is refused, nothing is merged
+    meta = shard / "teacher_meta" / "zarr.json"
+    os.rename(meta, tmp_path / "meta.json")
+    os.symlink(tmp_path / "meta.json", meta)
+    with pytest.raises(CacheError, match="resolves outside the cache root"):
+        merge_caches(tmp_path / "m3", [a, b])
+    assert not any((tmp_path / "m3" / "shards").glob("*.zarr"))
+    with pytest.raises(CacheError, match="resolves outside the cache root"):
+        open_cache(a, verify_shards=True)["x0"]
+
+
+def _json_out(argv, capsys, *, code=0):
+    assert main(argv) == code
+    return capsys.readouterr().out
+
+
+def test_merge_refuses_an_output_inside_a_dataset_folder(
+    tmp_path, write_cache, make_header, make_record
+):
+    rng = np.random.default_rng(5)
+    data = tmp_path / "data"
+    data.mkdir()
+    write_cache(
+        tmp_path / "a",
+        make_header(dataset_roots={"train": str(data)}),
+        {"s-00000": [make_record(rng, "p", n=1, m=0)]},
+    )
+    with pytest.raises(CacheError, match=r"inside the dataset folder .*data \(train\)"):
+        merge_caches(data / "cache", [tmp_path / "a"])
+    assert not (data / "cache").exists()
+
+
+def test_view_refuses_to_overwrite_its_inputs(
+    tmp_path, write_cache, make_header, make_record, capsys
+):
+    """Issue 11 item 9: ``cache view --out`` could overwrite the dataset image it draws."""
+    root, rec, data = _view_cache(tmp_path, write_cache, make_header, make_record)
+    image = data / "sub" / "pic.png"
+    before = image.read_bytes()
+    for out in (image, data / "other.png", root / "view.png"):
+        assert main(["cache", "view", str(root), "pic", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("is the image being drawn" in err or "lies inside" in err)
+    elsewhere = tmp_path / "copy.png"
+    elsewhere.write_bytes(before)
+    assert (
+        main(
+            ["cache", "view", str(root), "pic", "--out", str(elsewhere), "--image", str(elsewhere)]
+        )
+        == 2
+    )
+    assert "is the image being drawn" in capsys.readouterr().err
+    assert image.read_bytes() == before and not (data / "other.png").exists()
+
+
+def test_repair_keeps_one_copy_of_each_image(tmp_path, make_header, make_record, capsys):
+    """Issue 11 item 9: two precompute runs at once left the same image in two shards, and
+    finalize / train / merge refused the cache; ``cache repair`` fixes it."""
+    from maskteacher.cache_format import ShardWriter, finalize, init_cache
+
+    rng = np.random.default_rng(6)
+    root = tmp_path / "c"
+    init_cache(root, make_header())
+    recs = {i: make_record(rng, i, n=2, m=1) for i in ("a", "b", "c", "d")}
+    for name, ids in (("s-00000", "ab"), ("s-00001", "ab"), ("s-00002", "bcd")):
+        with ShardWriter(root, name, split="train") as w:
+            for i in ids:
+                w.add(recs[i])
+    with pytest.raises(CacheError, match="in two shards.*maskteacher cache repair"):
+        finalize(root)
+    assert main(["cache", "repair", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "deleted shards/s-00001.zarr" in out and "wrote shards/s-00002.dedup.zarr" in out
+    assert "3 duplicate copies dropped; 4 images in the manifest" in out
+    reader = open_cache(root)
+    assert sorted(reader.image_ids) == ["a", "b", "c", "d"]
+    for i, rec in recs.items():
+        np.testing.assert_array_equal(reader[i].gt_masks, rec.gt_masks)
+        np.testing.assert_array_equal(reader[i].teacher_iou, rec.teacher_iou)
+    assert main(["cache", "verify", str(root), "--quiet"]) == 0
+    assert sorted(os.listdir(root / "shards")) == [
+        "s-00000.json",
+        "s-00000.zarr",
+        "s-00002.dedup.json",
+        "s-00002.dedup.zarr",
+    ]

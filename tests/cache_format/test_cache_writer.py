@@ -15,9 +15,7 @@ import pytest
 
 from maskteacher.cache_format import (
     CacheError,
-    Codec,
     ShardWriter,
-    StoreFlags,
     completed_ids,
     finalize,
     init_cache,
@@ -26,30 +24,6 @@ from maskteacher.cache_format import (
     record_failure,
 )
 from maskteacher.cache_format.verify import verify_cache
-
-
-def test_init_refuses_a_different_header_naming_the_field(tmp_path, make_header):
-    root = tmp_path / "c"
-    init_cache(root, make_header())
-    init_cache(root, make_header())  # same settings: fine
-    cases = [
-        ({"teacher_type": "vit_h"}, "teacher_type = 'vit_t'.*'vit_h'"),
-        ({"checkpoint_sha256": "cd" * 32}, "checkpoint_sha256"),
-        ({"codec": Codec("int8", clip=8.0)}, r"codec.clip = 12.0.*8.0"),
-        ({"codec": Codec("fp16")}, "codec.name"),
-        ({"image_size": 128}, "image_size = 64.*128"),
-        (
-            {"params": {"points_per_side": 16, "pred_iou_thresh": 0.88}},
-            r"params.points_per_side = 8.*16",
-        ),
-        ({"params": {"points_per_side": 8}}, r"params \(keys\)"),
-        ({"store": StoreFlags(embedding=True)}, "store.embedding"),
-        ({"backend": "hdf5"}, "backend"),
-        ({"fingerprints": {"train": "sha256:other"}}, "fingerprints.train"),
-    ]
-    for overrides, pattern in cases:
-        with pytest.raises(CacheError, match=pattern):
-            init_cache(root, make_header(**overrides))
 
 
 def test_init_adds_a_new_split(tmp_path, make_header):
@@ -257,3 +231,30 @@ def test_two_processes_write_concurrently(tmp_path, make_header, backend):
     for i in range(len(reader)):
         reader[i]
     assert time.perf_counter() - t < 30
+
+
+def test_writer_locks_one_process_per_slice(tmp_path, make_header):
+    """One writer per slice of the work; a run splitting the work differently is refused while
+    another runs; a lock left by a dead process is taken over."""
+    from maskteacher.cache_format.locks import live_writers, writer_lock
+
+    root = tmp_path / "c"
+    init_cache(root, make_header())
+    lock = writer_lock(str(root), "worker0000-of-0002", "2 worker(s)")
+    other = writer_lock(str(root), "worker0001-of-0002", "2 worker(s)")  # the other slice: fine
+    assert {w["slice"] for w in live_writers(str(root))} == {
+        "worker0000-of-0002",
+        "worker0001-of-0002",
+    }
+    with pytest.raises(
+        CacheError, match="slice worker0000-of-0002 is being written by another process"
+    ):
+        writer_lock(str(root), "worker0000-of-0002", "2 worker(s)")
+    with pytest.raises(CacheError, match="splits the work as 2 worker.*this run as 1 worker"):
+        writer_lock(str(root), "worker0000-of-0001", "1 worker(s)")
+    lock.release()
+    other.release()
+    assert not [n for n in os.listdir(root) if n.endswith(".lock")]
+    (root / ".writer-worker0000-of-0001.lock").write_text('{"pid": 999999}')  # a dead holder
+    assert live_writers(str(root)) == []
+    writer_lock(str(root), "worker0000-of-0001", "1 worker(s)").release()
