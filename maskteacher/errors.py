@@ -9,3 +9,15 @@ from the package) which the CLI treats the same way.
 
 class UserError(Exception):
     """Bad input from the user: a file, a config key or value, a checkpoint, a dataset."""
+
+
+def user_message(exc: BaseException) -> str:
+    """The one line to show for a user error, also when it was raised in a DataLoader worker:
+    torch re-raises those as ``Caught <Type> in DataLoader worker process N.`` followed by the
+    worker's whole traceback, whose last line is ``<module>.<Type>: <the message>``."""
+    text = str(exc)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        _, sep, message = last.partition(": ")
+        return message if sep else last
+    return text

@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = args.func(args)
     except _user_error_types() as exc:
-        print(f"maskteacher: error: {exc}", file=sys.stderr)
+        from maskteacher.errors import user_message
+
+        print(f"maskteacher: error: {user_message(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)

@@ -84,6 +84,28 @@ def test_nan_student_checkpoint_is_refused_at_the_first_step(sample_data, tmp_pa
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+def test_an_error_inside_a_dataloader_worker_is_the_same_one_line(tmp_path, capsys):
+    """A corrupt image read by a DataLoader worker: one line as with num_workers 0, not torch's
+    "Caught UserError in DataLoader worker process 0" and the worker's traceback."""
+    from train_helpers import make_data
+
+    data = {"train": make_data(tmp_path / "train", images=2, seed=5)}
+    image = sorted((data["train"] / "image").iterdir())[1]
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])  # header fine, pixels cut
+    lines = {}
+    for workers in (0, 1):
+        _, path = tiny_config(
+            tmp_path, data, name=f"w{workers}.yaml", load=False,
+            dataset={"num_workers": workers}, model={"save_path": str(tmp_path / f"run{workers}")},
+        )  # fmt: skip
+        assert cli_main(["train", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "Caught" not in err and "worker process" not in err
+        lines[workers] = [x for x in err.splitlines() if x.startswith("maskteacher: error:")]
+    assert len(lines[1]) == 1 and lines[1] == lines[0]
+    assert image.name in lines[1][0]
+
+
 # ----------------------------------------------------------------------------- run folder
 
 
