@@ -402,6 +402,10 @@ class MaskTeacherConfig:
         None,
         "Precomputed teacher outputs (maskteacher precompute writes here); when set, training never builds the teacher.",
     )
+    allow_empty_teacher: bool = _f(
+        False,
+        "Train replace_gt / dual_supervision even when the cached teacher kept no mask on most images (refused by default: thresholds too strict for the teacher).",
+    )
 
 
 @dataclass
@@ -490,7 +494,8 @@ class PrecomputeConfig:
 @dataclass
 class CacheConfig:
     verify_on_open: bool = _f(
-        False, "Recompute shard checksums when training opens the cache (slow for big caches)."
+        False,
+        "Check each shard's checksums (sha256 of its files) the first time a training process reads from it; a corrupt shard is refused.",
     )
 
 

@@ -165,6 +165,12 @@ class CacheReader:
                 out[k] = hits[0]
         return out
 
+    def teacher_counts(self, positions: np.ndarray) -> np.ndarray:
+        """(n,) int64 number of teacher masks of the images at (this reader's) ``positions``."""
+        local = np.asarray(positions, np.int64)
+        rows = local if self.positions is None else self.positions[local]
+        return np.asarray(self.index.col("teacher_count"))[rows].astype(np.int64)
+
     def _position(self, key: int | str) -> int:
         if isinstance(key, str):
             return self.index_of(key)

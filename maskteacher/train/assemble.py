@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader
 
 from maskteacher.cache_format import CacheError, dataset_fingerprint
 from maskteacher.data import FINGERPRINT_MISMATCH_HINT, open_dataset
@@ -21,9 +20,10 @@ from maskteacher.data.dataset import SegmentationDataset
 from maskteacher.errors import UserError
 from maskteacher.train import distributed as dist_utils
 from maskteacher.train.data import cache as cache_data
+from maskteacher.train.data import teacher_cache
 from maskteacher.train.data.dataset import TargetSource, TrainDataset
 from maskteacher.train.data.online_teacher import OnlineTeacher, build_online_teacher
-from maskteacher.train.data.sampler import ResumableSampler, ShardSampler, make_loader
+from maskteacher.train.data.sampler import Batches, ResumableSampler, ShardSampler, make_loader
 from maskteacher.train.distill.feature_kd import FeatureDistillation, KDTeacher
 from maskteacher.train.plan import DataSpec, ImageSource, KDTeacherSpec, RunPlan
 from maskteacher.train.visual import ValidationPictures
@@ -48,31 +48,31 @@ def open_images(source: ImageSource) -> SegmentationDataset:
 
 
 def _targets(
-    data: DataSpec, *, split: str, images, fields: frozenset[str], progress: bool = False
-) -> tuple[TargetSource | None, list[int] | None, str | None]:
+    data: DataSpec, *, split: str, images, fields: frozenset[str]
+) -> tuple[TargetSource | None, list[int] | None, tuple[str, ...]]:
     """Ground truth from the cache when one is configured (and, when the run needs nothing else
     from it, usable), else the reader's.
 
     Returns (target source or None for the reader's masks, the reader items to use or None for
-    all, the cache id or None). A cache without a validation split leaves validation on the
-    reader.
+    all, the cache's ids (empty without a cache)). A cache without a validation split leaves
+    validation on the reader.
     """
     path = data.cache_path
     if path is None:
-        return None, None, None
+        return None, None, ()
     try:
         if split != "train" and not fields and not cache_data.cache_has_split(path, split):
             log.info("the cache at %s has no %s split; reading %s ground truth from the dataset",
                      path, split, split)  # fmt: skip
-            return None, None, None
+            return None, None, ()
         source = cache_data.open_cache_targets(
             path,
             split=split,
             images=images,
             image_size=data.image_size,
             teacher_fields=fields,
-            verify=data.verify_on_open and split == "train",
-            progress=progress,
+            verify=data.verify_on_open,
+            empty_teacher_limit=data.empty_teacher_limit if split == "train" else None,
         )
     except (UserError, CacheError) as exc:
         if data.cache_required:
@@ -83,17 +83,22 @@ def _targets(
             split,
             exc,
         )
-        return None, None, None
-    return source, source.usable_indices, source.cache_id
+        return None, None, ()
+    return source, source.usable_indices, source.cache_ids
 
 
 @dataclass
 class DataParts:
     train_set: TrainDataset
     sampler: ResumableSampler
-    train_loader: DataLoader
-    val_loader: DataLoader | None
-    cache_id: str | None
+    train_loader: Batches
+    val_loader: Batches | None
+    cache_ids: tuple[str, ...]
+
+    @property
+    def cache_id(self) -> str | None:
+        """The id of the cache the run reads (None: no cache); recorded in checkpoints."""
+        return self.cache_ids[0] if self.cache_ids else None
 
 
 def open_data(plan: RunPlan, info: dist_utils.DistInfo, device: torch.device) -> DataParts:
@@ -101,14 +106,12 @@ def open_data(plan: RunPlan, info: dist_utils.DistInfo, device: torch.device) ->
     is first checked against the mask-teacher identity when the plan names one."""
     data = plan.data
     if data.identity is not None:
-        cache_data.check_cache_identity(data.cache_path, data.identity)
+        teacher_cache.check_cache_identity(data.cache_path, data.identity)
     if data.train is None:
         raise UserError("dataset.train_dataset is not set; expected a dataset folder or COCO JSON")
     images = open_images(data.train)
     fields = frozenset() if plan.online is not None else plan.teacher_fields
-    targets, indices, cache_id = _targets(
-        data, split="train", images=images, fields=fields, progress=info.is_main
-    )
+    targets, indices, cache_ids = _targets(data, split="train", images=images, fields=fields)
     train_set = TrainDataset(
         images, image_size=data.image_size, prompts=plan.prompts, targets=targets,
         hflip=data.hflip, seed=data.seed, indices=indices,
@@ -132,7 +135,7 @@ def open_data(plan: RunPlan, info: dist_utils.DistInfo, device: torch.device) ->
         val_loader = make_loader(
             val_set, batch_size=data.batch_size, sampler=val_sampler, **loading
         )
-    return DataParts(train_set, sampler, train_loader, val_loader, cache_id)
+    return DataParts(train_set, sampler, train_loader, val_loader, cache_ids)
 
 
 def online_teacher(plan: RunPlan, device: torch.device) -> OnlineTeacher | None:
@@ -164,7 +167,7 @@ def online_teacher(plan: RunPlan, device: torch.device) -> OnlineTeacher | None:
 def _cache_teacher(plan: RunPlan, teacher: KDTeacherSpec, fields: frozenset[str]) -> KDTeacher:
     """A ``teachers[]`` entry read from its own cache, checked against the plan and the data."""
     identity, path = teacher.identity, teacher.cache_path
-    header = cache_data.check_cache_identity(path, identity)
+    header = teacher_cache.check_cache_identity(path, identity)
     cache_data.check_store(header, fields, where=identity.where, path=path)
     if plan.data.train is not None:
         train = plan.data.train
@@ -175,8 +178,8 @@ def _cache_teacher(plan: RunPlan, teacher: KDTeacherSpec, fields: frozenset[str]
                 f"{identity.where} {path}: dataset fingerprint of split 'train' is {have} in the "
                 f"cache but {want} for {train.path}: {FINGERPRINT_MISMATCH_HINT}"
             )
-    reader = cache_data.CacheTeacherReader(
-        cache_data.open_teacher_cache(path, where=identity.where),
+    reader = teacher_cache.CacheTeacherReader(
+        teacher_cache.open_teacher_cache(path, where=identity.where),
         fields=fields,
         split="train",
         where=identity.where,

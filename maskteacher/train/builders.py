@@ -19,9 +19,9 @@ from maskteacher.config import Config, DatasetConfig, resolve_teacher_type, teac
 from maskteacher.errors import UserError
 from maskteacher.models import HQ_TYPES, SAM_TYPES
 from maskteacher.models.everything import GenerationParams
-from maskteacher.train.data.cache import TeacherIdentity, generation_params
 from maskteacher.train.data.online_teacher import MASK_FIELDS
 from maskteacher.train.data.prompts import EverythingPromptSpec, SinglePromptSpec, SingleSettings
+from maskteacher.train.data.teacher_cache import TeacherIdentity
 from maskteacher.train.distill.blocks import BLOCKS
 from maskteacher.train.engine import LoopSettings
 from maskteacher.train.plan import (
@@ -114,6 +114,24 @@ def _images(d: DatasetConfig, path: str | None, key: str) -> ImageSource | None:
     )
 
 
+def _identity(
+    cfg: Config, section: str, teacher_type: str, checkpoint: str | None, *, type_key: str
+) -> TeacherIdentity:
+    """What a teacher cache named by ``section`` must have been made with."""
+    ckpt_key = "checkpoint_path" if section == "mask_teacher" else "checkpoint"
+    return TeacherIdentity(
+        where=f"{section}.cache_path",
+        teacher_type=teacher_type,
+        type_key=f"{section}.{type_key}",
+        checkpoint=checkpoint,
+        checkpoint_key=f"{section}.{ckpt_key}",
+        image_size=cfg.model.image_size,
+        generation=GenerationParams.from_config(cfg.precompute),
+        codec=cfg.precompute.codec,
+        clip=cfg.precompute.clip,
+    )
+
+
 def data_spec(cfg: Config, *, check_identity: bool, required: bool) -> DataSpec:
     """The data section of the plan; check_identity: the mask-teacher strategy reads the cache,
     which must then match the ``mask_teacher`` block (with the mask teacher off, teacher prompts
@@ -122,14 +140,8 @@ def data_spec(cfg: Config, *, check_identity: bool, required: bool) -> DataSpec:
     d, t, mt = cfg.dataset, cfg.train, cfg.mask_teacher
     identity = None
     if check_identity and mt.cache_path is not None:
-        identity = TeacherIdentity(
-            where="mask_teacher.cache_path",
-            teacher_type=mt.teacher_type,
-            type_key="mask_teacher.teacher_type",
-            checkpoint=mt.checkpoint_path,
-            checkpoint_key="mask_teacher.checkpoint_path",
-            image_size=cfg.model.image_size,
-            generation=generation_params(cfg.precompute),
+        identity = _identity(
+            cfg, "mask_teacher", mt.teacher_type, mt.checkpoint_path, type_key="teacher_type"
         )
     return DataSpec(
         train=_images(d, d.train_dataset, "dataset.train_dataset"),
@@ -143,6 +155,7 @@ def data_spec(cfg: Config, *, check_identity: bool, required: bool) -> DataSpec:
         verify_on_open=cfg.cache.verify_on_open,
         cache_required=required,
         identity=identity,
+        empty_teacher_limit=None if mt.allow_empty_teacher or not check_identity else 0.5,
     )
 
 
@@ -306,15 +319,12 @@ def _kd_teachers(cfg: Config) -> list[KDTeacherSpec]:
         if _same_path(entry.cache_path, cfg.mask_teacher.cache_path):
             out.append(KDTeacherSpec(entry.name, weight))
             continue
-        key = f"teachers[{index}]"
-        identity = TeacherIdentity(
-            where=f"{key}.cache_path",
-            teacher_type=resolve_teacher_type(entry),
-            type_key=f"{key}.type",
-            checkpoint=entry.checkpoint,
-            checkpoint_key=f"{key}.checkpoint",
-            image_size=cfg.model.image_size,
-            generation=generation_params(cfg.precompute),
+        identity = _identity(
+            cfg,
+            f"teachers[{index}]",
+            resolve_teacher_type(entry),
+            entry.checkpoint,
+            type_key="type",
         )
         out.append(KDTeacherSpec(entry.name, weight, entry.cache_path, identity))
     return out

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from maskteacher.train.data.cache import TeacherIdentity
 from maskteacher.train.data.prompts import EverythingPromptSpec, PromptSpec
+from maskteacher.train.data.teacher_cache import TeacherIdentity
 from maskteacher.train.engine import LoopSettings
 from maskteacher.train.schedule import EpochPlan
 from maskteacher.train.supervision.base import SupervisionStrategy
@@ -69,8 +69,11 @@ class DataSpec:
     run reads teacher outputs from the cache -- otherwise (``mask_teacher.enable: false`` and
     nothing else reading the teacher) the cache only replaces the dataset's ground truth when
     it exists and matches, and the dataset is read if not; verify_on_open:
-    ``cache.verify_on_open``; identity: what the cache must have been made with when the
-    mask-teacher strategy reads it (None: not checked).
+    ``cache.verify_on_open`` (each shard's checksums, lazily at its first read); identity: what
+    the cache must have been made with when the mask-teacher strategy reads it (None: not
+    checked); empty_teacher_limit: refuse a cache whose teacher kept no mask on more than this
+    fraction of the images (None: not checked -- the mask teacher is off, or
+    ``mask_teacher.allow_empty_teacher``).
     """
 
     train: ImageSource | None
@@ -84,6 +87,7 @@ class DataSpec:
     verify_on_open: bool
     cache_required: bool = True
     identity: TeacherIdentity | None = None
+    empty_teacher_limit: float | None = None
 
 
 @dataclass(frozen=True)

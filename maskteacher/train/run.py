@@ -231,7 +231,7 @@ class TrainingRun:
         if path is None:
             return
         ckpt = load_training_checkpoint(path, model_type=s.model_type, image_size=s.image_size)
-        if ckpt["cache_id"] != self.data.cache_id:
+        if ckpt["cache_id"] != self.data.cache_id and ckpt["cache_id"] not in self.data.cache_ids:
             raise UserError(
                 f"{path}: checkpoint was trained with teacher cache {ckpt['cache_id']!r}, "
                 f"the config reads {self.data.cache_id!r}; resume with the same cache"

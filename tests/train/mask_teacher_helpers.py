@@ -22,8 +22,8 @@ from maskteacher.cache_format import (
 from maskteacher.config import PrecomputeConfig
 from maskteacher.data import input_size, masks_to_lowres, open_dataset
 from maskteacher.models import build_sam, sha256_file
+from maskteacher.models.everything import GenerationParams
 from maskteacher.train.data.batch import PromptSet, TeacherTargets, TrainSample, collate
-from maskteacher.train.data.cache import generation_params
 from maskteacher.train.schedule import EpochSettings
 from maskteacher.train.student import Predictions
 from maskteacher.train.supervision.base import StepContext
@@ -102,6 +102,7 @@ def write_teacher_cache(
     tokens: bool = False,
     embed_dim: int = EMBED_DIM,
     seed: int = 0,
+    empty_teacher: tuple[str, ...] = (),
 ) -> Path:
     """A teacher cache with synthetic teacher outputs (:func:`fake_teacher_masks` as +-6 logits
     plus noise, an interior prompt point per mask), the ground truth, and optionally random
@@ -111,7 +112,7 @@ def write_teacher_cache(
     which is what a config without a precompute section expects), updated by what is given.
     """
     rng = np.random.default_rng(seed)
-    header_params = generation_params(PrecomputeConfig())
+    header_params = GenerationParams.from_config(PrecomputeConfig()).header_params()
     header_params.update(params or {})
     opened = {split: open_dataset(path) for split, path in datasets.items()}
     header = CacheHeader(
@@ -134,6 +135,8 @@ def write_teacher_cache(
                 gt = masks_to_lowres(sample.masks, sample.orig_hw, image_size).numpy()
                 gt = gt[gt.reshape(gt.shape[0], -1).any(1)]
                 masks = fake_teacher_masks(gt, rng)
+                if sample.image_id in empty_teacher:  # the teacher's thresholds kept nothing
+                    masks = masks[:0]
                 n = masks.shape[0]
                 logits = np.where(masks, 6.0, -6.0) + rng.normal(0, 0.5, masks.shape)
                 writer.add(

@@ -17,7 +17,6 @@ from maskteacher.config import TeacherEntry, load_config
 from maskteacher.errors import UserError
 from maskteacher.models.everything import GenerationParams
 from maskteacher.train import builders
-from maskteacher.train.data.cache import generation_params
 from maskteacher.train.data.online_teacher import MASK_FIELDS
 from maskteacher.train.distill.blocks import EncoderMatching
 from maskteacher.train.plan import KDTeacherSpec
@@ -177,7 +176,7 @@ def test_shipped_config_binds_to_what_it_says(name, empty_cwd, monkeypatch):
     if plan.strategy.teacher_fields and cfg.mask_teacher.cache_path:
         assert identity.teacher_type == cfg.mask_teacher.teacher_type
         assert identity.checkpoint == cfg.mask_teacher.checkpoint_path
-        assert identity.generation == generation_params(cfg.precompute)
+        assert identity.generation == GenerationParams.from_config(cfg.precompute)
     else:
         assert identity is None
     assert plan.settings.save_dir == Path(cfg.model.save_path)

@@ -310,3 +310,45 @@ def test_progress_bar_shows_small_soft_losses_with_significant_digits():
     logger.optimizer_step(1, 1e-3)
     assert shown["soft"] == "0.0001234"
     assert shown["loss"] == "0.5"
+
+
+# ----------------------------------------------------------------------------- empty teacher
+
+
+@pytest.mark.parametrize("method", ["replace_gt", "dual_supervision"])
+def test_a_cache_whose_teacher_kept_nothing_is_refused(method, sample_data, tmp_path):
+    """Thresholds too strict for the teacher: most cached images have no teacher mask and the
+    mask-teacher method would train on nothing -- refused, unless explicitly allowed."""
+    from mask_teacher_helpers import write_teacher_cache
+
+    from maskteacher.data import open_dataset
+
+    ids = open_dataset(sample_data["train"]).image_ids
+    cache = write_teacher_cache(
+        tmp_path / "cache", {"train": sample_data["train"]}, empty_teacher=tuple(ids)
+    )
+    block = {
+        "enable": True,
+        "method": method,
+        "cache_path": str(cache),
+        "teacher_type": "vit_b_tiny",
+    }
+    cfg, _ = tiny_config(tmp_path, sample_data, mask_teacher=block)
+    with pytest.raises(
+        UserError, match=r"kept no mask on 100% of the 2 images.*allow_empty_teacher"
+    ):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+    allowed, _ = tiny_config(
+        tmp_path, sample_data, name="b.yaml", mask_teacher={**block, "allow_empty_teacher": True}
+    )
+    assert train(allowed).epochs_done == 1
+    # one empty image of two is not "most": trains without the override
+    half = write_teacher_cache(
+        tmp_path / "half", {"train": sample_data["train"]}, empty_teacher=(ids[0],)
+    )
+    cfg, _ = tiny_config(
+        tmp_path, sample_data, name="c.yaml", mask_teacher={**block, "cache_path": str(half)},
+        model={"save_path": str(tmp_path / "c")},
+    )  # fmt: skip
+    assert train(cfg).epochs_done == 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -100,18 +100,21 @@ class TrainSample:
     index, epoch) the item was loaded for -- the seed of its random choices
     (:func:`maskteacher.train.data.dataset.item_rng`), so a batch hook that makes the prompts after
     loading (the online teacher with ``train.prompt_source: teacher``) draws exactly what the
-    dataset would have drawn.
+    dataset would have drawn. pending: while the item is half loaded (the DataLoader worker's
+    half, :meth:`~maskteacher.train.data.dataset.TrainDataset.fetch`), what the main process
+    finishes it from (the cache's compressed bytes); gt_masks and prompts are None until then.
     """
 
     image_id: str
     image: torch.Tensor
     input_hw: tuple[int, int]
     orig_hw: tuple[int, int]
-    gt_masks: torch.Tensor
-    prompts: PromptSet
+    gt_masks: torch.Tensor | None
+    prompts: PromptSet | None
     flipped: bool = False
     teacher: TeacherTargets | None = None
     key: tuple[int, int] = (0, 0)
+    pending: Any = None
 
 
 @dataclass
@@ -177,9 +180,11 @@ def _move(value, device, non_blocking):
 
 
 def collate(samples: list[TrainSample]) -> Batch:
-    """Ragged collate of :class:`TrainSample` items into a :class:`Batch`."""
+    """Ragged collate of finished :class:`TrainSample` items into a :class:`Batch`."""
     if not samples:
         raise ValueError("collate needs at least one sample")
+    if any(s.pending is not None for s in samples):
+        raise ValueError("collate needs finished samples (TrainDataset.finish)")
     width = max((s.prompts.points.shape[1] for s in samples), default=1)
     points, labels, boxes, has_box, image_idx, targets = [], [], [], [], [], []
     counts = []

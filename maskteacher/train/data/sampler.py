@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from maskteacher.train.data.batch import collate
+from maskteacher.train.data.batch import Batch, TrainSample, collate
 
 
 class ResumableSampler(DistributedSampler):
@@ -57,16 +57,53 @@ def batches_per_epoch(num_items: int, *, world_size: int, batch_size: int) -> in
     return math.ceil(per_rank / batch_size)
 
 
+class _WorkerHalf(Dataset):
+    """What the DataLoader workers run: the dataset's ``fetch`` (the worker half of an item)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        return self.dataset.fetch(key)
+
+
+def keep_samples(samples: list[TrainSample]) -> list[TrainSample]:
+    """The workers' collate: the half-loaded samples as they are (finished in the main process)."""
+    return samples
+
+
+class Batches:
+    """Iterates a DataLoader of half-loaded samples; yields finished, collated :class:`Batch`
+    objects (``dataset.finish`` in the main process, then :func:`collate`)."""
+
+    def __init__(self, loader: DataLoader, dataset) -> None:
+        self.loader = loader
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for samples in self.loader:
+            yield collate(self.dataset.finish(samples))
+
+
 def make_loader(
-    dataset: Dataset, *, batch_size: int, sampler: Sampler, num_workers: int, pin_memory: bool
-) -> DataLoader:
-    """A DataLoader with the ragged :func:`~maskteacher.train.data.batch.collate`."""
-    return DataLoader(
-        dataset,
+    dataset, *, batch_size: int, sampler: Sampler, num_workers: int, pin_memory: bool
+) -> Batches:
+    """Batches of ``dataset`` (a :class:`~maskteacher.train.data.dataset.TrainDataset`): its
+    worker half in the DataLoader workers, its main-process half and the ragged
+    :func:`~maskteacher.train.data.batch.collate` here."""
+    loader = DataLoader(
+        _WorkerHalf(dataset),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate,
+        collate_fn=keep_samples,
         pin_memory=pin_memory,
         drop_last=False,
     )
+    return Batches(loader, dataset)

@@ -89,7 +89,7 @@ def test_matching_cache_and_checkpoint_pass(sample_data, teacher_ckpt, tmp_path)
         (
             {"image_size": 128},
             {},
-            ["image_size 128", "model.image_size = 64"],
+            ["image_size = 128", "model.image_size = 64"],
         ),
     ],
 )

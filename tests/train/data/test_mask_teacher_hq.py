@@ -3,6 +3,8 @@ with a SAM-HQ checkpoint on both sides), and the online SAM-HQ teacher never rec
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from mask_teacher_helpers import save_teacher, step_context
@@ -120,7 +122,7 @@ def test_sam_hq_student_is_refused_in_one_line(sample_data, tmp_path, capsys):
 
 
 def _identity(teacher_type: str, checkpoint, generation: dict):
-    from maskteacher.train.data.cache import TeacherIdentity
+    from maskteacher.train.data.teacher_cache import TeacherIdentity
 
     return TeacherIdentity(
         where="mask_teacher.cache_path",
@@ -142,9 +144,10 @@ def test_hq_cache_identity_checks(setup, tmp_path, caplog):
 
     from maskteacher.config import PrecomputeConfig
     from maskteacher.errors import UserError
-    from maskteacher.train.data.cache import check_cache_identity, generation_params
+    from maskteacher.models.everything import GenerationParams
+    from maskteacher.train.data.teacher_cache import check_cache_identity
 
-    generation = generation_params(PrecomputeConfig())
+    generation = GenerationParams.from_config(PrecomputeConfig())
     cache = write_teacher_cache(
         tmp_path / "cache",
         {"train": setup["data"]},
@@ -161,6 +164,6 @@ def test_hq_cache_identity_checks(setup, tmp_path, caplog):
         check_cache_identity(str(cache), _identity("vit_b_tiny", plain, generation))
     with pytest.raises(UserError, match="teacher_type 'vit_b_tiny_hq'"):
         check_cache_identity(str(cache), _identity("vit_t_tiny", None, generation))
-    other = {**generation, "hq_token_only": True}
+    other = dataclasses.replace(generation, hq_token_only=True)
     with pytest.raises(UserError, match="hq_token_only = False"):
         check_cache_identity(str(cache), _identity("vit_b_tiny", setup["teacher"], other))

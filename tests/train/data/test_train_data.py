@@ -185,7 +185,12 @@ def test_verify_on_open_reports_damage(sample_data, tmp_path):
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
-    with pytest.raises(UserError, match="cache verification found"):
-        open_cache_targets(
-            str(cache), split="train", images=images, image_size=IMAGE_SIZE, verify=True
-        )
+    # verification is lazy: a shard's checksums are checked the first time it is read from
+    damaged = open_cache_targets(
+        str(cache), split="train", images=images, image_size=IMAGE_SIZE, verify=True
+    )
+    ds = dataset(images, targets=damaged, indices=damaged.usable_indices)
+    with pytest.raises(CacheError, match="failed verification"):
+        ds[0]
+    unchecked = open_cache_targets(str(cache), split="train", images=images, image_size=IMAGE_SIZE)
+    assert unchecked.usable_indices == [0, 1]  # without verify_on_open the open does not read
