@@ -11,13 +11,25 @@ import argparse
 import json
 
 from maskteacher.data import DATASET_FORMATS, dataset_stats, make_sample
+from maskteacher.data.sample_styles import DEFAULT_STYLE, SAMPLE_STYLES
 
 EXIT_BAD_ITEMS = 1
 
 
 def _make_sample(args: argparse.Namespace) -> int:
-    out = make_sample(args.out, format=args.format, images=args.images, seed=args.seed)
-    print(f"wrote {args.images} {args.format} sample images (seed {args.seed}) to {out}")
+    out = make_sample(
+        args.out,
+        format=args.format,
+        images=args.images,
+        seed=args.seed,
+        style=args.style,
+        unlabelled=args.unlabelled,
+    )
+    unlabelled = f", {args.unlabelled:g} of the objects unlabelled" if args.unlabelled else ""
+    print(
+        f"wrote {args.images} {args.format} sample images (style {args.style}, seed "
+        f"{args.seed}{unlabelled}) to {out}"
+    )
     return 0
 
 
@@ -46,6 +58,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     make.add_argument("--images", type=int, default=8, help="number of images (default: 8)")
     make.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    make.add_argument(
+        "--style",
+        choices=tuple(SAMPLE_STYLES),
+        default=DEFAULT_STYLE,
+        help="look of the shapes and fills (default: shapes; shifted: another domain)",
+    )
+    make.add_argument(
+        "--unlabelled",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="leave this fraction of each image's objects out of the annotations (default: 0)",
+    )
     make.set_defaults(func=_make_sample)
 
     stats = sub.add_parser(

@@ -96,3 +96,16 @@ def test_help_lists_real_subcommands(capsys):
         with pytest.raises(SystemExit):
             main(["data", sub, "--help"])
         assert "--format" in capsys.readouterr().out
+
+
+def test_make_sample_style_and_unlabelled_options(tmp_path, capsys):
+    out = tmp_path / "part"
+    args = ["data", "make-sample", str(out), "--style", "shifted", "--unlabelled", "0.5"]
+    assert main([*args, "--images", "4"]) == 0
+    assert "style shifted" in capsys.readouterr().out
+    from maskteacher.data import generate_sample
+
+    truth = generate_sample(4, style="shifted", unlabelled=0.5)
+    ds = open_dataset(out)
+    assert [ds.mask_count(i) for i in range(4)] == [len(s.annotated) for s in truth]
+    assert main(["data", "make-sample", str(tmp_path / "x"), "--unlabelled", "2"]) == 2
