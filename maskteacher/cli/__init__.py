@@ -16,7 +16,7 @@ import sys
 from maskteacher import __version__
 
 # Command modules, in the order ``maskteacher --help`` lists them.
-COMMAND_MODULES = ("config", "data", "cache", "precompute", "train", "eval", "demo")
+COMMAND_MODULES = ("config", "data", "cache", "precompute", "train", "eval", "sweep", "demo")
 
 EXIT_USER_ERROR = 2
 

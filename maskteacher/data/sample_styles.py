@@ -6,7 +6,9 @@ A :class:`SampleStyle` names the shape kinds and texture patterns one sample set
 - ``shapes`` (the default, and the original look): ellipses, rectangles and star-shaped
   polygons; flat, striped, checkered or blotchy fills;
 - ``shifted``: another domain for the same task -- crosses, many-pointed stars and smooth blobs
-  (concave outlines); rings, dots, pixel noise and waves as fills. The demo fine-tunes on it.
+  (concave outlines); rings, dots, pixel noise and waves as fills. The demo fine-tunes on it;
+- ``mixed``: every shape and every fill (the demo's teacher learns from it: a model that has
+  seen both domains, as SAM-H has seen far more of the world than a student's fine-tuning data).
 
 Every shape builder returns the polygon in object-local coordinates (before rotation and
 translation), so each kind is one small function and a new kind is one dict entry. The random
@@ -190,6 +192,7 @@ SAMPLE_STYLES: dict[str, SampleStyle] = {
     "shifted": SampleStyle(
         shapes=("cross", "star", "blob"), patterns=("rings", "dots", "noise", "waves")
     ),
+    "mixed": SampleStyle(shapes=tuple(SHAPES), patterns=tuple(PATTERNS)),
 }
 DEFAULT_STYLE = "shapes"
 
