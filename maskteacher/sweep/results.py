@@ -136,11 +136,14 @@ def combinations_of(results: SweepResults) -> list[str]:
 
 
 def summary_table(
-    results: SweepResults, eval_name: str, metrics: dict[str, str] = METRICS
+    results: SweepResults,
+    eval_name: str,
+    metrics: dict[str, str] = METRICS,
+    label: str = "combination",
 ) -> list[str]:
     """Markdown rows: one per combination, mean +- spread of every metric over its seeds."""
     lines = [
-        "| combination | runs | " + " | ".join(metrics.values()) + " |",
+        f"| {label} | runs | " + " | ".join(metrics.values()) + " |",
         "|---|---|" + "---|" * len(metrics),
     ]
     for name in combinations_of(results):
