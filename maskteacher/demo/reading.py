@@ -24,10 +24,12 @@ LOG_TAGS = (
 )
 BASELINE = "gt_only"
 Stats = tuple[float, float, int]
+Phases = tuple[float, float]  # (first quarter, last quarter) of a run
 
 
-def scalar_means(run: Path, tags: tuple[str, ...] = LOG_TAGS) -> dict[str, float]:
-    """Mean of each TensorBoard scalar over the whole run (the logged window averages)."""
+def scalar_phases(run: Path, tags: tuple[str, ...] = LOG_TAGS) -> dict[str, Phases]:
+    """Each TensorBoard scalar's mean over the first and over the last quarter of the run's
+    logged windows (at least one window each): how training started and how it ended."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logging.getLogger("tensorboard").setLevel(logging.WARNING)  # one INFO line per file read
@@ -38,19 +40,20 @@ def scalar_means(run: Path, tags: tuple[str, ...] = LOG_TAGS) -> dict[str, float
     for tag in tags:
         if tag in present:
             values = [e.value for e in acc.Scalars(tag)]
-            out[tag] = sum(values) / len(values)
+            q = max(1, len(values) // 4)
+            out[tag] = (sum(values[:q]) / q, sum(values[-q:]) / q)
     return out
 
 
-def method_logs(results: SweepResults, methods: list[str]) -> dict[str, dict[str, float]]:
-    """method -> tag -> mean over the method's finished runs of the run means."""
-    logs: dict[str, dict[str, float]] = {}
+def method_logs(results: SweepResults, methods: list[str]) -> dict[str, dict[str, Phases]]:
+    """method -> tag -> (first, last) quarter means, averaged over the method's finished runs."""
+    logs: dict[str, dict[str, Phases]] = {}
     for method in methods:
-        per_run = [scalar_means(results.out / r.folder) for r in results.finished(method)]
-        tags = {t for means in per_run for t in means}
-        logs[method] = {
-            t: sum(m[t] for m in per_run if t in m) / sum(t in m for m in per_run) for t in tags
-        }
+        per_run = [scalar_phases(results.out / r.folder) for r in results.finished(method)]
+        logs[method] = {}
+        for tag in sorted({t for phases in per_run for t in phases}):
+            have = [phases[tag] for phases in per_run if tag in phases]
+            logs[method][tag] = tuple(sum(v[k] for v in have) / len(have) for k in (0, 1))
     return logs
 
 
@@ -84,8 +87,12 @@ def _spec_claim(results: SweepResults, method: str) -> str:
     recall = compare(
         stats(results, method, "fine", "ar100"), stats(results, BASELINE, "fine", "ar100")
     )
-    if boundary is None or recall is None:
+    if recall is None:
         return f"{method}: not measured"
+    if boundary is None:  # no prediction matched a ground-truth object at IoU >= 0.5
+        lost = recall[1] and recall[0] < 0
+        verdict = "does not hold" if lost else "cannot be told"
+        return f"{method}: no boundary IoU (no mask matched), AR@100 {recall[0]:+.3f} -- the claim {verdict}"
     worse = (boundary[1] and boundary[0] < 0) or (recall[1] and recall[0] < 0)
     if worse:
         verdict = "does not hold"
@@ -102,7 +109,7 @@ def _spec_claim(results: SweepResults, method: str) -> str:
 def reading_paragraphs(
     results: SweepResults,
     reference: dict[str, dict[str, dict]],
-    logs: dict[str, dict[str, float]],
+    logs: dict[str, dict[str, Phases]],
     methods: list[str],
     soft_weight: float,
 ) -> list[str]:
@@ -136,28 +143,38 @@ def reading_paragraphs(
     return out
 
 
-def _log_sentence(logs: dict[str, dict[str, float]], duals: list[str], weight: float) -> str:
+def _ratio(log: dict[str, Phases], k: int, weight: float) -> str:
+    task = log["train/task_loss"][k]
+    return f"{weight * log['train/soft'][k] / task:.0%}" if task else "-"
+
+
+def _log_sentence(logs: dict[str, dict[str, Phases]], duals: list[str], weight: float) -> str:
     parts = []
     for m in duals:
         log = logs.get(m, {})
-        if "train/soft" in log and log.get("train/task_loss"):
-            ratio = weight * log["train/soft"] / log["train/task_loss"]
-            pairs = log.get("train/teacher_pairs", float("nan"))
+        if "train/soft" in log and "train/task_loss" in log:
+            pairs = log.get("train/teacher_pairs", (float("nan"),) * 2)
             parts.append(
-                f"{m}'s weighted soft term is {ratio:.0%} of its task loss ({pairs:.1f} teacher pairs per image)"
+                f"{m}'s weighted soft term is {_ratio(log, 0, weight)} -> {_ratio(log, 1, weight)} "
+                f"of its task loss, on {pairs[0]:.1f} -> {pairs[1]:.1f} teacher pairs per image"
             )
     replaced = logs.get("replace_gt", {}).get("train/replaced")
     if replaced is not None:
-        parts.append(f"replace_gt replaced {replaced:.1f} teacher masks per image by their GT mask")
+        parts.append(
+            f"replace_gt replaced {replaced[0]:.1f} -> {replaced[1]:.1f} teacher masks per "
+            "image by their GT mask"
+        )
     matched = [
-        f"{m} {log['train/matched_per_image']:.1f}"
+        f"{m} {log['train/matched_per_image'][0]:.1f} -> {log['train/matched_per_image'][1]:.1f}"
         for m, log in logs.items()
         if "train/matched_per_image" in log
     ]
     if matched:
-        parts.append("matched predictions per image: " + ", ".join(matched))
+        parts.append(
+            "predictions matched to a target per image (what the task losses act on): "
+            + ", ".join(matched)
+        )
     return (
-        "**From the training logs** (TensorBoard, mean over each run and its seeds): "
-        + "; ".join(parts)
-        + "."
+        "**From the training logs** (TensorBoard; first quarter of each run -> last quarter, "
+        "mean over the seeds): " + "; ".join(parts) + "."
     )

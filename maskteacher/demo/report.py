@@ -100,7 +100,7 @@ def _run_rows(results: SweepResults) -> list[str]:
     return lines
 
 
-def _log_table(logs: dict[str, dict[str, float]]) -> list[str]:
+def _log_table(logs: dict[str, dict[str, tuple[float, float]]]) -> list[str]:
     tags = {
         "train/task_loss": "task loss",
         "train/soft": "soft (unweighted)",
@@ -112,14 +112,16 @@ def _log_table(logs: dict[str, dict[str, float]]) -> list[str]:
     lines = [
         "## Training logs",
         "",
-        "Means over each run's TensorBoard windows, then over the seeds (`sweep/runs/<method>/"
-        "seed_<S>/tensorboard`); the task loss includes the weighted soft term.",
+        "Each run's TensorBoard scalars, mean over the first quarter of its logged windows -> "
+        "over the last quarter, then over the seeds (`sweep/runs/<method>/seed_<S>/"
+        "tensorboard`); the task loss includes the weighted soft term.",
         "",
         "| method | " + " | ".join(tags.values()) + " |",
         "|---|" + "---|" * len(tags),
     ]
     for method, log in logs.items():
-        lines.append(f"| {method} | " + " | ".join(_fmt(log.get(t), 4) for t in tags) + " |")
+        cells = [f"{_fmt(log[t][0], 3)} -> {_fmt(log[t][1], 3)}" if t in log else "-" for t in tags]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines
 
 
