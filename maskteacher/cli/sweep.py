@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--threads", type=int, default=1,
-        help="torch threads per run (default 1: the same figures on every run of the command)",
+        help="torch threads per run (default 1: the same figures on every run of the command; 0: torch's default, e.g. for GPU runs)",
     )  # fmt: skip
     parser.add_argument("--overlays", type=int, default=2, help="overlay pictures per evaluation")
     parser.set_defaults(func=run)
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         combinations=combinations,
         seeds=parse_seeds(args.seeds),
         evals=_evals(args.evals),
-        threads=args.threads,
+        threads=args.threads or None,
         overlays=args.overlays,
     )
     runs = select_slice(sweep.runs(), args.index, args.count)

@@ -138,6 +138,7 @@ def run_one(sweep: Sweep, run: RunSpec) -> bool:
         )
         return False
     record["wall_seconds"] = time.perf_counter() - start
+    folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / RESULT, record)
     (folder / ERROR).unlink(missing_ok=True)
     return True

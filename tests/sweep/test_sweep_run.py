@@ -167,3 +167,29 @@ def test_folder_and_argument_checks(setup, tmp_path, capsys):
     summary = (out / "summary.md").read_text()
     assert "2 runs finished, 0 failed, 2 not run yet" in summary
     assert "## Not run yet" in summary
+
+
+def test_each_run_uses_the_configured_thread_count(setup, tmp_path, monkeypatch):
+    """The figures depend on the thread count (the order of float sums): every run gets
+    --threads, whatever the process had, and the process's setting comes back afterwards."""
+    seen = []
+
+    def record_threads(sweep, run):
+        seen.append(torch.get_num_threads())
+        metrics = {name: {"mean_best_iou": 0.5} for name in sweep.evals}
+        return {
+            "combination": run.combination.name,
+            "overrides": [],
+            "seed": run.seed,
+            "metrics": metrics,
+        }
+
+    monkeypatch.setattr(runner, "_train_and_evaluate", record_threads)
+    torch.set_num_threads(2)
+    assert (
+        main(["sweep", str(setup["config"]), "--out", str(tmp_path / "a"), "--seeds", "0,1"]) == 0
+    )
+    assert seen == [1, 1] and torch.get_num_threads() == 2
+    args = ["sweep", str(setup["config"]), "--out", str(tmp_path / "b"), "--threads", "0"]
+    assert main(args) == 0
+    assert seen[-1] == 2  # 0: torch's own setting
