@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--make-teacher",
         action="store_true",
-        help="train the demo teacher by its fixed recipe (about 10 minutes on one CPU thread) "
+        help="train the demo teacher by its fixed recipe (about 11 minutes on one CPU thread) "
         "and write it into the package (or --teacher DIR)",
     )
     parser.set_defaults(func=run)

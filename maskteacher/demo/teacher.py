@@ -3,7 +3,7 @@
 A teacher clearly stronger than the student needs more data and training than the demo's
 10-minute budget allows on two CPU cores, so it is made once, by a command anyone can re-run::
 
-    maskteacher demo --make-teacher            # ~10 minutes on one CPU thread
+    maskteacher demo --make-teacher            # ~11 minutes on one CPU thread
 
 :func:`make_teacher` trains ``vit_t_tiny`` from random weights on :data:`RECIPE`'s sample data
 (the ``mixed`` style: every shape and fill of both demo domains -- a teacher that has seen more
