@@ -16,8 +16,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the cache (one maskteacher sweep), evaluate everything on fully annotated validation "
         "sets of both domains and write report.md. --make-teacher re-makes the teacher.",
     )
-    parser.add_argument("--out", default=None, help="output folder (default: demo_out; "
-                        "--make-teacher: demo_teacher, its work files)")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: demo_out; --make-teacher: demo_teacher, its work files)",
+    )
     parser.add_argument("--force", action="store_true", help="replace an earlier run in --out")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the first run")
     parser.add_argument(

@@ -29,37 +29,60 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("config", metavar="CONFIG|collect", help="config file, or 'collect'")
     parser.add_argument("dir", nargs="?", metavar="DIR", help="collect: the sweep folder")
     parser.add_argument("--out", help="sweep folder (runs/, sweep.json, results.csv, summary.md)")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override the base config for every run (as maskteacher train --set; repeatable)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--grid", action="append", default=[], metavar="KEY=V1,V2",
-        help="vary a config key over comma-separated values (repeatable: the cartesian product)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--variant", action="append", nargs="+", default=[], metavar="NAME KEY=VALUE",
-        help="a named combination of overrides, e.g. --variant dual_kl "
-        "mask_teacher.method=dual_supervision mask_teacher.soft_loss.type=kl (repeatable; "
-        "combined with every --grid point)",
-    )  # fmt: skip
+    _combination_arguments(parser)
     parser.add_argument(
         "--seeds", default="0", help="comma-separated train.seed values (default 0)"
     )
     parser.add_argument(
-        "--eval", dest="evals", action="append", default=[], metavar="NAME=PATH",
+        "--eval",
+        dest="evals",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
         help="also evaluate on this dataset (repeatable); dataset.val_dataset is 'val'",
-    )  # fmt: skip
+    )
     parser.add_argument("--index", type=int, default=0, help="run slice INDEX of --count (0-based)")
     parser.add_argument(
         "--count", type=int, default=1, help="number of slices (a job array's size)"
     )
     parser.add_argument(
-        "--threads", type=int, default=1,
-        help="torch threads per run (default 1: the same figures on every run of the command; 0: torch's default, e.g. for GPU runs)",
-    )  # fmt: skip
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per run (default 1: the same figures on every run of the command; "
+        "0: torch's default, e.g. for GPU runs)",
+    )
     parser.add_argument("--overlays", type=int, default=2, help="overlay pictures per evaluation")
     parser.set_defaults(func=run)
+
+
+def _combination_arguments(parser: argparse.ArgumentParser) -> None:
+    """--set (every run), --grid and --variant (the combinations)."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the base config for every run (as maskteacher train --set; repeatable)",
+    )
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="vary a config key over comma-separated values (repeatable: the cartesian product)",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        nargs="+",
+        default=[],
+        metavar="NAME KEY=VALUE",
+        help="a named combination of overrides, e.g. --variant dual_kl "
+        "mask_teacher.method=dual_supervision mask_teacher.soft_loss.type=kl (repeatable; "
+        "combined with every --grid point)",
+    )
 
 
 def _evals(items: list[str]) -> dict[str, str]:
