@@ -359,8 +359,11 @@ class TeacherEntry:
 
 @dataclass
 class SoftLoss:
-    type: Literal["l2", "kl"] = _f(
-        "l2", "l2: MSE of logits; kl: Bernoulli KL(sigmoid(student) || sigmoid(teacher))."
+    type: Literal["l2", "kl", "kl_teacher"] = _f(
+        "l2",
+        "l2: MSE of logits; kl: Bernoulli KL(sigmoid(student) || sigmoid(teacher)) (the spec's; "
+        "its gradient vanishes where the student is confidently wrong); kl_teacher: "
+        "KL(sigmoid(teacher) || sigmoid(student)) (gradient sigmoid(student) - sigmoid(teacher)).",
     )
     weight: float = _f(
         0.5, "lambda_soft: multiplies the soft loss before it is added to the task loss.", ge=0

@@ -74,6 +74,9 @@ def _violations(importer: str, forbidden: tuple[str, ...]) -> list[str]:
     ]
 
 
+# what only the top (sweep, demo, cli) may import
+LOWER_FORBIDDEN = ("maskteacher.sweep", "maskteacher.demo")
+
 # package -> packages it must not import
 RULES = {
     "maskteacher.cache_format": (
@@ -87,18 +90,44 @@ RULES = {
         "maskteacher.cli",
         "maskteacher.errors",
         "maskteacher.demo",
+        "maskteacher.sweep",
     ),
-    "maskteacher.data": ("maskteacher.precompute", "maskteacher.train", "maskteacher.eval"),
-    "maskteacher.models": ("maskteacher.precompute", "maskteacher.train", "maskteacher.eval"),
+    "maskteacher.data": (
+        *LOWER_FORBIDDEN,
+        "maskteacher.precompute",
+        "maskteacher.train",
+        "maskteacher.eval",
+    ),
+    "maskteacher.models": (
+        *LOWER_FORBIDDEN,
+        "maskteacher.precompute",
+        "maskteacher.train",
+        "maskteacher.eval",
+    ),
     "maskteacher.viz": (
+        *LOWER_FORBIDDEN,
         "maskteacher.precompute",
         "maskteacher.train",
         "maskteacher.eval",
         "maskteacher.cli",
     ),
-    "maskteacher.precompute": ("maskteacher.train", "maskteacher.eval", "maskteacher.cli"),
-    "maskteacher.train": ("maskteacher.precompute", "maskteacher.eval", "maskteacher.cli"),
-    "maskteacher.eval": ("maskteacher.precompute", "maskteacher.cli"),
+    "maskteacher.precompute": (
+        *LOWER_FORBIDDEN,
+        "maskteacher.train",
+        "maskteacher.eval",
+        "maskteacher.cli",
+    ),
+    "maskteacher.train": (
+        *LOWER_FORBIDDEN,
+        "maskteacher.precompute",
+        "maskteacher.eval",
+        "maskteacher.cli",
+    ),
+    "maskteacher.eval": (*LOWER_FORBIDDEN, "maskteacher.precompute", "maskteacher.cli"),
+    # sweep sits on top, beside cli and demo: it calls train and eval, never the commands or
+    # the demo (the demo uses the sweep, the cli wraps both)
+    "maskteacher.sweep": ("maskteacher.cli", "maskteacher.demo", "maskteacher.precompute"),
+    "maskteacher.demo": ("maskteacher.cli",),
 }
 
 

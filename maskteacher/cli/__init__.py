@@ -17,11 +17,11 @@ import signal
 import sys
 
 from maskteacher import __version__
-from maskteacher.cli import cache, config, data, demo, precompute, train
+from maskteacher.cli import cache, config, data, demo, precompute, sweep, train
 from maskteacher.cli import eval as eval_command
 
 #: Command modules, in the order ``maskteacher --help`` lists them.
-COMMANDS = (config, data, cache, precompute, train, eval_command, demo)
+COMMANDS = (config, data, cache, precompute, train, eval_command, sweep, demo)
 
 EXIT_USER_ERROR = 2
 

@@ -25,9 +25,27 @@ def dataset_formats() -> tuple[str, ...]:
 
 def _make_sample(args: argparse.Namespace) -> int:
     from maskteacher.data import make_sample
+    from maskteacher.data.sample_styles import SAMPLE_STYLES
+    from maskteacher.errors import UserError
 
-    out = make_sample(args.out, format=args.format, images=args.images, seed=args.seed)
-    print(f"wrote {args.images} {args.format} sample images (seed {args.seed}) to {out}")
+    if args.style not in SAMPLE_STYLES:
+        raise UserError(
+            f"--style: unknown sample style {args.style!r}; expected one of "
+            f"{', '.join(SAMPLE_STYLES)}"
+        )
+    out = make_sample(
+        args.out,
+        format=args.format,
+        images=args.images,
+        seed=args.seed,
+        style=args.style,
+        unlabelled=args.unlabelled,
+    )
+    unlabelled = f", {args.unlabelled:g} of the objects unlabelled" if args.unlabelled else ""
+    print(
+        f"wrote {args.images} {args.format} sample images (style {args.style}, seed "
+        f"{args.seed}{unlabelled}) to {out}"
+    )
     return 0
 
 
@@ -58,6 +76,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     make.add_argument("--images", type=int, default=8, help="number of images (default: 8)")
     make.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    make.add_argument(
+        "--style",
+        default="shapes",
+        help="look of the shapes and fills: shapes (default), shifted (another domain), mixed "
+        "(both kinds, what the demo's teacher learns from)",
+    )
+    make.add_argument(
+        "--unlabelled",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="leave this fraction of each image's objects out of the annotations (default: 0)",
+    )
     make.set_defaults(func=_make_sample)
 
     stats = sub.add_parser(

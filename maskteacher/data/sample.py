@@ -8,6 +8,12 @@ shape decodes to exactly the same mask. Each object's ground truth is its *visib
 the shapes drawn above it; an object left with fewer than ``MIN_VISIBLE_AREA`` visible pixels is
 removed from the picture before painting (so no unlabelled slivers remain).
 
+``style`` picks the look (:data:`~maskteacher.data.sample_styles.SAMPLE_STYLES`: ``shapes``, the
+default, or ``shifted``, another domain for the same task). ``unlabelled`` leaves a fixed
+fraction of each image's objects out of the written annotations, as in partly annotated real
+data: ``round(unlabelled * n)`` of an image's ``n`` objects (halves round up), chosen at random
+from ``(seed, index)`` alone, so the pictures are the same as with full annotations.
+
 Layouts written:
 - folder: ``OUT/image/sample_0000.png|jpg`` (even indices PNG, odd JPEG) + ``OUT/mask/<stem>/<k>.png``;
 - sa1b: ``OUT/sa_<i+1>.jpg`` + ``OUT/sa_<i+1>.json`` (SA-1B fields, compressed-RLE strings);
@@ -34,15 +40,20 @@ import pycocotools.mask as mask_utils
 from PIL import Image
 from scipy import ndimage
 
+from maskteacher.data.sample_styles import (
+    DEFAULT_STYLE,
+    SAMPLE_STYLES,
+    SampleStyle,
+    background,
+    shape_polygon,
+    texture,
+)
 from maskteacher.data.segmentation import decode_rles
 from maskteacher.errors import UserError
 
 MIN_VISIBLE_AREA = 12
 JPEG_QUALITY = 95
-SHAPE_KINDS = ("ellipse", "rectangle", "polygon")
-# Object size as a fraction of the image's shorter side: (probability, low, high).
-_SIZE_CLASSES = ((0.35, 0.08, 0.18), (0.40, 0.20, 0.40), (0.25, 0.45, 0.80))
-_CROWD_CATEGORY = 4
+SHAPE_KINDS = SAMPLE_STYLES[DEFAULT_STYLE].shapes
 
 
 @dataclass
@@ -54,6 +65,7 @@ class SyntheticObject:
     polygon: list[float]
     visible: np.ndarray
     occluded: bool
+    labelled: bool = True
 
 
 @dataclass
@@ -72,81 +84,13 @@ class SyntheticImage:
             return np.zeros((0, h, w), dtype=bool)
         return np.stack([obj.visible for obj in self.objects])
 
+    @property
+    def annotated(self) -> list[SyntheticObject]:
+        """The objects the written annotations hold (all but the ``unlabelled`` ones)."""
+        return [obj for obj in self.objects if obj.labelled]
+
 
 # ----------------------------------------------------------------------------- generation
-
-
-def _smooth_noise(rng: np.random.Generator, hw: tuple[int, int], cells: int) -> np.ndarray:
-    """(H, W) float32 in [0, 1]: a random cells x cells grid upsampled bilinearly."""
-    grid = (rng.random((cells, cells)) * 255).astype(np.uint8)
-    up = Image.fromarray(grid).resize((hw[1], hw[0]), Image.Resampling.BILINEAR)
-    return np.asarray(up, dtype=np.float32) / 255.0
-
-
-def _background(rng: np.random.Generator, hw: tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) float32: a two-colour linear gradient plus smooth and fine noise."""
-    h, w = hw
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    angle = rng.uniform(0, 2 * np.pi)
-    t = xx * np.cos(angle) + yy * np.sin(angle)
-    t = (t - t.min()) / max(float(np.ptp(t)), 1.0)
-    c0, c1 = rng.uniform(20, 235, size=(2, 3)).astype(np.float32)
-    img = c0 + t[..., None] * (c1 - c0)
-    img += (_smooth_noise(rng, hw, int(rng.integers(3, 8)))[..., None] - 0.5) * 60
-    img += rng.normal(0, 6, size=(h, w, 1)).astype(np.float32)
-    return img
-
-
-def _texture(rng: np.random.Generator, hw: tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) float32 fill for one object: a base colour with one of several patterns."""
-    h, w = hw
-    base = rng.uniform(0, 255, size=3).astype(np.float32)
-    other = rng.uniform(0, 255, size=3).astype(np.float32)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    pattern = int(rng.integers(0, 4))
-    if pattern == 0:  # flat
-        t = np.zeros((h, w), np.float32)
-    elif pattern == 1:  # stripes
-        angle, period = rng.uniform(0, np.pi), rng.uniform(4, 14)
-        t = (np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period) > 0).astype(
-            np.float32
-        )
-    elif pattern == 2:  # checker
-        cell = int(rng.integers(3, 10))
-        t = ((xx // cell + yy // cell) % 2).astype(np.float32)
-    else:  # blotches
-        t = _smooth_noise(rng, hw, int(rng.integers(4, 12)))
-    img = base + t[..., None] * (other - base) * 0.6
-    return img + rng.normal(0, 4, size=(h, w, 1)).astype(np.float32)
-
-
-def _shape_polygon(rng: np.random.Generator, kind: str, hw: tuple[int, int]) -> list[float]:
-    """Flat polygon for one shape of random size/position, clipped to the image."""
-    h, w = hw
-    probs = np.array([c[0] for c in _SIZE_CLASSES])
-    _, lo, hi = _SIZE_CLASSES[int(rng.choice(len(_SIZE_CLASSES), p=probs / probs.sum()))]
-    size = rng.uniform(lo, hi) * min(h, w)
-    cx, cy = rng.uniform(0.1 * w, 0.9 * w), rng.uniform(0.1 * h, 0.9 * h)
-    rot = rng.uniform(0, 2 * np.pi)
-    if kind == "ellipse":
-        angles = np.linspace(0, 2 * np.pi, 40, endpoint=False)
-        rx, ry = size / 2, size / 2 * rng.uniform(0.4, 1.0)
-        local = np.stack([rx * np.cos(angles), ry * np.sin(angles)], axis=1)
-    elif kind == "rectangle":
-        rw, rh = size / 2, size / 2 * rng.uniform(0.3, 1.0)
-        local = np.array([[-rw, -rh], [rw, -rh], [rw, rh], [-rw, rh]])
-        if rng.random() < 0.5:
-            rot = 0.0
-    else:  # star-shaped polygon with 3-8 vertices
-        n = int(rng.integers(3, 9))
-        angles = np.sort(rng.uniform(0, 2 * np.pi, size=n))
-        radii = size / 2 * rng.uniform(0.5, 1.0, size=n)
-        local = np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
-    rotation = np.array([[np.cos(rot), -np.sin(rot)], [np.sin(rot), np.cos(rot)]])
-    points = local @ rotation.T + np.array([cx, cy])
-    points[:, 0] = points[:, 0].clip(0, w)
-    points[:, 1] = points[:, 1].clip(0, h)
-    return [round(float(v), 3) for v in points.reshape(-1)]
 
 
 def rasterize_polygon(polygon: list[float], hw: tuple[int, int]) -> np.ndarray:
@@ -165,16 +109,28 @@ def _visible_masks(shapes: list[np.ndarray]) -> list[np.ndarray]:
     return visible
 
 
-def _generate_one(seed: int, index: int, size_range: tuple[int, int]) -> SyntheticImage:
+def _unlabel(objects: list[SyntheticObject], fraction: float, seed: int, index: int) -> None:
+    """Mark round(fraction * n) of the objects unlabelled (halves up), drawn from (seed, index)."""
+    count = int(np.floor(fraction * len(objects) + 0.5))
+    if count == 0:
+        return
+    rng = np.random.default_rng([seed, index, 1])
+    for k in rng.choice(len(objects), size=count, replace=False):
+        objects[int(k)].labelled = False
+
+
+def _generate_one(
+    seed: int, index: int, size_range: tuple[int, int], style: SampleStyle
+) -> SyntheticImage:
     rng = np.random.default_rng([seed, index])
     hw = (
         int(rng.integers(size_range[0], size_range[1] + 1)),
         int(rng.integers(size_range[0], size_range[1] + 1)),
     )
     count = int(rng.integers(3, 10))
-    kinds = [SHAPE_KINDS[int(rng.integers(0, len(SHAPE_KINDS)))] for _ in range(count)]
-    polygons = [_shape_polygon(rng, kind, hw) for kind in kinds]
-    textures = [_texture(rng, hw) for _ in range(count)]
+    kinds = [style.shapes[int(rng.integers(0, len(style.shapes)))] for _ in range(count)]
+    polygons = [shape_polygon(rng, kind, hw) for kind in kinds]
+    textures = [texture(rng, hw, style) for _ in range(count)]
     shapes = [rasterize_polygon(poly, hw) for poly in polygons]
     keep = list(range(count))
     while True:  # drop shapes that end up (almost) hidden; removing one only uncovers others
@@ -183,7 +139,7 @@ def _generate_one(seed: int, index: int, size_range: tuple[int, int]) -> Synthet
         if not small:
             break
         keep = [k for k in keep if k not in small]
-    image = _background(rng, hw)
+    image = background(rng, hw)
     objects = []
     for k, vis in zip(keep, visible):
         image[shapes[k]] = textures[k][shapes[k]]
@@ -192,15 +148,33 @@ def _generate_one(seed: int, index: int, size_range: tuple[int, int]) -> Synthet
 
 
 def generate_sample(
-    images: int, seed: int = 0, *, size_range: tuple[int, int] = (96, 200)
+    images: int,
+    seed: int = 0,
+    *,
+    size_range: tuple[int, int] = (96, 200),
+    style: str = DEFAULT_STYLE,
+    unlabelled: float = 0.0,
 ) -> list[SyntheticImage]:
-    """``images`` synthetic images with exact masks; sides drawn uniformly from ``size_range``."""
+    """``images`` synthetic images with exact masks; sides drawn uniformly from ``size_range``;
+    ``style`` a :data:`SAMPLE_STYLES` name; ``unlabelled`` the fraction of objects left out of
+    the annotations (module docstring)."""
     if images < 1:
         raise UserError(f"images must be >= 1, got {images}")
     lo, hi = size_range
     if not 16 <= lo <= hi:
         raise UserError(f"size_range must satisfy 16 <= low <= high, got {size_range}")
-    return [_generate_one(seed, i, (lo, hi)) for i in range(images)]
+    if style not in SAMPLE_STYLES:
+        raise UserError(
+            f"unknown sample style {style!r}; expected one of {', '.join(SAMPLE_STYLES)}"
+        )
+    if not 0.0 <= unlabelled < 1.0:
+        raise UserError(f"unlabelled must be a fraction in [0, 1), got {unlabelled}")
+    out = []
+    for i in range(images):
+        sample = _generate_one(seed, i, (lo, hi), SAMPLE_STYLES[style])
+        _unlabel(sample.objects, unlabelled, seed, i)
+        out.append(sample)
+    return out
 
 
 # ----------------------------------------------------------------------------- writers
@@ -248,7 +222,7 @@ def _bbox_area(rle: dict[str, Any]) -> tuple[list[float], int]:
     return [float(v) for v in mask_utils.toBbox(rle)], int(mask_utils.area(rle))
 
 
-def _write_folder(out: Path, images: list[SyntheticImage]) -> None:
+def _write_folder(out: Path, images: list[SyntheticImage], style: SampleStyle) -> None:
     (out / "image").mkdir()
     (out / "mask").mkdir()
     for sample in images:
@@ -258,7 +232,7 @@ def _write_folder(out: Path, images: list[SyntheticImage]) -> None:
         )
         mask_dir = out / "mask" / stem
         mask_dir.mkdir()
-        for k, obj in enumerate(sample.objects):
+        for k, obj in enumerate(sample.annotated):
             Image.fromarray(obj.visible.astype(np.uint8) * 255).save(mask_dir / f"{k}.png")
 
 
@@ -269,13 +243,13 @@ def _inner_point(mask: np.ndarray) -> list[list[float]]:
     return [[float(x) + 0.5, float(y) + 0.5]]
 
 
-def _write_sa1b(out: Path, images: list[SyntheticImage]) -> None:
+def _write_sa1b(out: Path, images: list[SyntheticImage], style: SampleStyle) -> None:
     for sample in images:
         image_id = sample_image_id("sa1b", sample.index)
         h, w = sample.image.shape[:2]
         rng = np.random.default_rng([sample.index, 1])
         annotations = []
-        for k, obj in enumerate(sample.objects):
+        for k, obj in enumerate(sample.annotated):
             rle = _compressed_rle(obj.visible)
             bbox, area = _bbox_area(rle)
             annotations.append(
@@ -310,11 +284,12 @@ def _coco_segmentation(
     return _compressed_rle(obj.visible) if occluded_seen % 2 == 0 else uncompressed_rle(obj.visible)
 
 
-def _write_coco(out: Path, images: list[SyntheticImage]) -> None:
+def _write_coco(out: Path, images: list[SyntheticImage], style: SampleStyle) -> None:
     (out / "images").mkdir()
     (out / "annotations").mkdir()
     entries, annotations = [], []
-    categories = {kind: k + 1 for k, kind in enumerate(SHAPE_KINDS)}
+    categories = {kind: k + 1 for k, kind in enumerate(style.shapes)}
+    crowd_category = len(categories) + 1
     occluded_seen = 0
     for sample in images:
         image_id = sample.index + 1
@@ -322,7 +297,7 @@ def _write_coco(out: Path, images: list[SyntheticImage]) -> None:
         file_name = f"{image_id:012d}.jpg"
         _save_image(sample.image, out / "images" / file_name)
         entries.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
-        for obj in sample.objects:
+        for obj in sample.annotated:
             segmentation = _coco_segmentation(obj, occluded_seen)
             occluded_seen += obj.occluded
             bbox, area = _bbox_area(_compressed_rle(obj.visible))
@@ -337,14 +312,14 @@ def _write_coco(out: Path, images: list[SyntheticImage]) -> None:
                     "iscrowd": 0,
                 }
             )
-        if sample.index == 0 and sample.objects:
-            union = sample.masks.any(axis=0)
+        if sample.index == 0 and sample.annotated:
+            union = np.any([obj.visible for obj in sample.annotated], axis=0)
             bbox, area = _bbox_area(_compressed_rle(union))
             annotations.append(
                 {
                     "id": len(annotations) + 1,
                     "image_id": image_id,
-                    "category_id": _CROWD_CATEGORY,
+                    "category_id": crowd_category,
                     "segmentation": uncompressed_rle(union),
                     "area": area,
                     "bbox": bbox,
@@ -352,7 +327,7 @@ def _write_coco(out: Path, images: list[SyntheticImage]) -> None:
                 }
             )
     cats = [{"id": v, "name": k, "supercategory": "shape"} for k, v in categories.items()]
-    cats.append({"id": _CROWD_CATEGORY, "name": "group", "supercategory": "shape"})
+    cats.append({"id": crowd_category, "name": "group", "supercategory": "shape"})
     doc = {
         "info": {"description": "maskteacher synthetic sample"},
         "images": entries,
@@ -362,7 +337,7 @@ def _write_coco(out: Path, images: list[SyntheticImage]) -> None:
     (out / "annotations" / "instances.json").write_text(json.dumps(doc))
 
 
-_WRITERS: dict[str, Callable[[Path, list[SyntheticImage]], None]] = {
+_WRITERS: dict[str, Callable[[Path, list[SyntheticImage], SampleStyle], None]] = {
     "folder": _write_folder,
     "sa1b": _write_sa1b,
     "coco": _write_coco,
@@ -377,8 +352,11 @@ def make_sample(
     images: int = 8,
     seed: int = 0,
     size_range: tuple[int, int] = (96, 200),
+    style: str = DEFAULT_STYLE,
+    unlabelled: float = 0.0,
 ) -> Path:
-    """Write a synthetic dataset of ``images`` images in ``format`` to the new folder ``out``.
+    """Write a synthetic dataset of ``images`` images in ``format`` to the new folder ``out``
+    (``style`` and ``unlabelled`` as in :func:`generate_sample`).
 
     ``out`` must not exist or be empty. Everything is written to a temporary sibling folder
     that is renamed to ``out`` at the end, so an interrupted run leaves nothing half-written.
@@ -394,12 +372,14 @@ def make_sample(
         raise UserError(
             f"{out} already exists and is not an empty folder; choose a new output path"
         )
-    generated = generate_sample(images, seed, size_range=size_range)
+    generated = generate_sample(
+        images, seed, size_range=size_range, style=style, unlabelled=unlabelled
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary dataset folder
     try:
-        writer(tmp, generated)
+        writer(tmp, generated, SAMPLE_STYLES[style])
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

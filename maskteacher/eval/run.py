@@ -3,7 +3,8 @@
 For each image: grid prompts and the same filtering as precompute
 (:func:`maskteacher.models.everything.generate_everything` with the config's ``precompute``
 parameters), masks taken back to the original frame, compared with the dataset's ground truth
-and, when the config names a teacher cache holding the split, with the cached teacher masks.
+and, when the config names a teacher cache holding the split made from these images (same
+dataset fingerprint), with the cached teacher masks.
 
 Writes into ``out``: ``metrics.json`` (dataset figures + settings), ``per_image.csv`` (one row
 per image) and ``overlays/<image_id>.png`` (image | ground truth | student | teacher) for the
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from maskteacher.cache_format import CacheReader, dataset_fingerprint
 from maskteacher.config import Config
 from maskteacher.data import open_dataset, to_model_input
 from maskteacher.devices import resolve_device
@@ -78,7 +80,9 @@ def evaluate_checkpoint(
     ).to(dev)
     model.eval()
     settings = GenerationParams.from_config(cfg.precompute)
-    teacher = open_teacher_cache(cfg.mask_teacher.cache_path, split, image_size)
+    teacher = _same_images(
+        open_teacher_cache(cfg.mask_teacher.cache_path, split, image_size), dataset, split
+    )
     teacher_ids = set(teacher.image_ids) if teacher is not None else set()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,6 +145,27 @@ def evaluate_checkpoint(
     metrics = acc.finish()
     _write_outputs(out, metrics, cfg=cfg, checkpoint=checkpoint, split=split, settings=settings)
     return metrics
+
+
+def _same_images(teacher: CacheReader | None, dataset, split: str) -> CacheReader | None:
+    """The cache reader when its ``split`` was made from the dataset being evaluated (same
+    dataset fingerprint); None, with a warning, when it was made from other images -- image
+    ids alone can coincide across datasets (``sample_0000``) and would compare other pictures."""
+    if teacher is None:
+        return None
+    have = teacher.header.fingerprints.get(split)
+    want = dataset_fingerprint(dataset.fingerprint_entries())
+    if have is not None and have != want:
+        log.warning(
+            "the teacher cache's '%s' split was made from other images than %s (dataset "
+            "fingerprint %s, expected %s): no teacher agreement, no teacher panel",
+            split,
+            dataset.root,
+            have,
+            want,
+        )
+        return None
+    return teacher
 
 
 def _json_number(value):

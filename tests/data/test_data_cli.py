@@ -96,3 +96,31 @@ def test_help_lists_real_subcommands(capsys):
         with pytest.raises(SystemExit):
             main(["data", sub, "--help"])
         assert "--format" in capsys.readouterr().out
+
+
+def test_make_sample_style_and_unlabelled_options(tmp_path, capsys):
+    out = tmp_path / "part"
+    args = ["data", "make-sample", str(out), "--style", "shifted", "--unlabelled", "0.5"]
+    assert main([*args, "--images", "4"]) == 0
+    assert "style shifted" in capsys.readouterr().out
+    from maskteacher.data import generate_sample
+
+    truth = generate_sample(4, style="shifted", unlabelled=0.5)
+    ds = open_dataset(out)
+    assert [ds.mask_count(i) for i in range(4)] == [len(s.annotated) for s in truth]
+    assert main(["data", "make-sample", str(tmp_path / "x"), "--unlabelled", "2"]) == 2
+
+
+def test_make_sample_style_help_names_every_style_and_unknown_is_one_line(tmp_path, capsys):
+    """--style is checked when the command runs (the parser is built without importing the data
+    readers, which import torch): its help names every style, an unknown one is one line."""
+    from maskteacher.data.sample_styles import SAMPLE_STYLES
+
+    with pytest.raises(SystemExit):
+        main(["data", "make-sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in SAMPLE_STYLES)
+    assert main(["data", "make-sample", str(tmp_path / "s"), "--style", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown sample style 'nope'" in err[0]
+    assert not (tmp_path / "s").exists()

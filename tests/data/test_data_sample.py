@@ -18,6 +18,7 @@ from maskteacher.data.sample import (
     rasterize_polygon,
     uncompressed_rle,
 )
+from maskteacher.data.sample_styles import PATTERNS, SAMPLE_STYLES, SHAPES
 from maskteacher.errors import UserError
 
 # pycocotools <= 2.0.11 trips numpy 2's __array__(copy=...) deprecation on every decode
@@ -152,3 +153,65 @@ def test_make_sample_leaves_nothing_behind_when_interrupted(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         make_sample(tmp_path / "out", format="sa1b", images=3)
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- styles, unlabelled
+
+
+def test_the_shifted_style_draws_its_own_shapes_and_keeps_the_invariants():
+    images = generate_sample(16, seed=0, style="shifted")
+    kinds = {obj.kind for s in images for obj in s.objects}
+    assert kinds == set(SAMPLE_STYLES["shifted"].shapes)
+    assert not kinds & set(SHAPE_KINDS)
+    for s in images:
+        masks = s.masks
+        assert masks.sum(axis=0).max() <= 1
+        assert (masks.sum(axis=(1, 2)) >= MIN_VISIBLE_AREA).all()
+        for obj in s.objects:
+            shape = rasterize_polygon(obj.polygon, s.image.shape[:2])
+            assert (obj.visible & ~shape).sum() == 0
+    # another domain: the same seed gives other pictures than the default style
+    default = generate_sample(16, seed=0)
+    assert not any(np.array_equal(a.image, b.image) for a, b in zip(images, default))
+
+
+def test_every_shape_and_fill_builder_is_used_by_a_style():
+    used_shapes = {k for style in SAMPLE_STYLES.values() for k in style.shapes}
+    used_fills = {k for style in SAMPLE_STYLES.values() for k in style.patterns}
+    assert used_shapes == set(SHAPES) and used_fills == set(PATTERNS)
+
+
+def test_unlabelled_leaves_a_fixed_fraction_out_and_the_pictures_unchanged():
+    full = generate_sample(10, seed=4, style="shifted")
+    part = generate_sample(10, seed=4, style="shifted", unlabelled=0.5)
+    for a, b in zip(full, part):
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_array_equal(a.masks, b.masks)
+        n = len(b.objects)
+        assert len(b.objects) - len(b.annotated) == int(np.floor(0.5 * n + 0.5))
+        assert all(obj.labelled for obj in a.objects)
+    again = generate_sample(10, seed=4, style="shifted", unlabelled=0.5)
+    assert [[o.labelled for o in s.objects] for s in again] == [
+        [o.labelled for o in s.objects] for s in part
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["folder", "sa1b", "coco"])
+def test_written_annotations_hold_only_the_labelled_objects(tmp_path, fmt):
+    from maskteacher.data import open_dataset
+
+    truth = generate_sample(4, seed=2, unlabelled=0.4)
+    root = make_sample(tmp_path / fmt, format=fmt, images=4, seed=2, unlabelled=0.4)
+    ds = open_dataset(root)
+    for index, s in enumerate(truth):
+        item = ds[index]
+        expected = np.stack([o.visible for o in s.annotated]) if s.annotated else item.masks
+        assert len(item.masks) == len(s.annotated)
+        np.testing.assert_array_equal(np.asarray(item.masks, bool), expected)
+
+
+def test_bad_style_or_fraction_is_one_clear_error():
+    with pytest.raises(UserError, match="unknown sample style 'cubist'; expected one of shapes"):
+        generate_sample(1, style="cubist")
+    with pytest.raises(UserError, match=r"unlabelled must be a fraction in \[0, 1\), got 1.0"):
+        generate_sample(1, unlabelled=1.0)

@@ -98,3 +98,30 @@ def test_eval_cli_and_errors(setup: dict, tmp_path: Path, capsys: pytest.Capture
     cfg = config_from_dict({**setup["raw"], "dataset": {"mode": "everything"}})
     with pytest.raises(UserError, match="val_dataset is not set"):
         evaluate_checkpoint(cfg, setup["ckpt"], tmp_path)
+
+
+def test_teacher_agreement_only_against_a_cache_of_the_same_images(
+    setup: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The cache's val split is used when it was made from the evaluated images; another
+    dataset whose image ids coincide (sa_1, sa_2, ...) gets no agreement and a warning."""
+    from maskteacher.precompute import PrecomputeJob, run_precompute
+
+    raw = {
+        **setup["raw"],
+        "mask_teacher": {
+            "teacher_type": "vit_t_tiny",
+            "checkpoint_path": str(setup["ckpt"]),
+            "cache_path": str(tmp_path / "cache"),
+        },
+        "precompute": {**setup["raw"]["precompute"], "device": "cpu", "num_workers": 0},
+    }
+    assert run_precompute(PrecomputeJob.from_config(config_from_dict(raw))).exit_code == 0
+    same = evaluate_checkpoint(config_from_dict(raw), setup["ckpt"], tmp_path / "a", overlays=0)
+    assert same.teacher_agreement is not None and 0.0 < same.teacher_agreement <= 1.0
+    other = make_sample(tmp_path / "other", format="sa1b", images=3, seed=9)
+    raw["dataset"] = {**raw["dataset"], "val_dataset": str(other)}
+    with caplog.at_level("WARNING"):
+        metrics = evaluate_checkpoint(config_from_dict(raw), setup["ckpt"], tmp_path / "b")
+    assert metrics.teacher_agreement is None
+    assert "made from other images" in caplog.text

@@ -14,6 +14,16 @@ on the logits of N (student, teacher) pairs; the teacher side is a constant (det
 
   with ``log p = logsigmoid(s)`` and ``log(1 - p) = logsigmoid(-s)``, so that it stays finite
   for logits of any size (an int8 cache saturates at +-clip, an online teacher does not).
+  This is the spec's direction. Its gradient ``dKL/ds = p (1 - p) (s - t)`` vanishes where the
+  student is confidently wrong: ``s = -8``, ``t = +8`` gives -0.005 per pixel;
+- ``kl_teacher``: the other direction, ``KL(sigmoid(t) || sigmoid(s))`` -- the teacher's
+  distribution first, as knowledge distillation uses it::
+
+      q (log q - log p) + (1 - q) (log(1 - q) - log(1 - p))
+
+  (the BCE of the student against the soft target ``q`` minus the teacher's entropy). Its
+  gradient is ``dKL/ds = p - q``, bounded by 1 and largest where the student is most wrong:
+  -0.999 for ``s = -8``, ``t = +8``.
 """
 
 from __future__ import annotations
@@ -133,8 +143,20 @@ def soft_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (p * (log_p - log_q) + not_p * (log_not_p - log_not_q)).mean(-1)
 
 
+def soft_kl_teacher(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Bernoulli KL(sigmoid(teacher) || sigmoid(student)) per pixel, mean over pixels, from
+    logits (module docstring); gradient ``sigmoid(s) - sigmoid(t)``. (N, K), (N, K) -> (N,)."""
+    s = student.float()
+    t = teacher.detach().float()
+    log_p, log_not_p = F.logsigmoid(s), F.logsigmoid(-s)
+    log_q, log_not_q = F.logsigmoid(t), F.logsigmoid(-t)
+    q, not_q = torch.sigmoid(t), torch.sigmoid(-t)
+    return (q * (log_q - log_p) + not_q * (log_not_q - log_not_p)).mean(-1)
+
+
 #: ``mask_teacher.soft_loss.type`` -> per-pair loss.
 SOFT_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "l2": soft_l2,
     "kl": soft_kl,
+    "kl_teacher": soft_kl_teacher,
 }

@@ -29,7 +29,7 @@ Logged, not weighted: ``replaced`` -- teacher masks replaced by GT per image.
 **dual_supervision**: the GT strategy itself (:class:`~.gt.GTSupervision`, the same numbers as
 ``gt``), and in parallel a Hungarian student <-> teacher on IoU (threshold
 ``mask_teacher.iou_threshold``). For each kept pair a pixel-wise soft loss between the student's
-and the teacher's logits (``soft_loss.type``: ``l2`` or ``kl``,
+and the teacher's logits (``soft_loss.type``: ``l2``, ``kl`` or ``kl_teacher``,
 :data:`~maskteacher.train.supervision.losses.SOFT_LOSSES`) over all low-res pixels (or ``train.loss_points``
 sampled ones, like the task losses), averaged over the kept pairs of the mini-batch (count
 all-reduced under DDP): ``soft = sum_pairs loss / pairs`` -- exactly 0 without pairs

@@ -10,7 +10,7 @@ from mask_teacher_helpers import box_mask, hand_batch, hand_predictions, logits_
 
 from maskteacher.train.supervision.criterion import MaskCriterion, PairBatch, weighted_total
 from maskteacher.train.supervision.gt import GTSupervision
-from maskteacher.train.supervision.losses import soft_kl, soft_l2
+from maskteacher.train.supervision.losses import SOFT_LOSSES, soft_kl, soft_kl_teacher, soft_l2
 from maskteacher.train.supervision.mask_teacher import (
     DualSupervision,
     ReplaceGTSupervision,
@@ -54,6 +54,58 @@ def test_soft_kl_is_finite_and_exact_for_saturated_logits():
     assert math.isfinite(float(kl.detach())) and float(kl.detach()) == pytest.approx(want, rel=1e-5)
     kl.sum().backward()
     assert torch.isfinite(s.grad).all()
+
+
+def test_soft_kl_teacher_hand_values_is_the_other_direction():
+    s = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    t = torch.tensor([[0.0, 0.0], [0.0, 4.0]])
+    want = [
+        (bernoulli_kl(0, 1) + bernoulli_kl(0, 2)) / 2,
+        (bernoulli_kl(0, 0) + bernoulli_kl(4, 0)) / 2,
+    ]
+    assert soft_kl_teacher(s, t).tolist() == pytest.approx(want, rel=1e-6)
+    assert soft_kl_teacher(s, t).tolist() == pytest.approx(soft_kl(t, s).tolist(), rel=1e-6)
+    assert soft_kl_teacher(t, t).abs().max() < 1e-7
+    # the two directions differ: KL is not symmetric
+    assert soft_kl_teacher(s, t).tolist() != pytest.approx(soft_kl(s, t).tolist(), rel=1e-3)
+    # it is the BCE of the student against the soft target q minus the teacher's entropy
+    q = torch.sigmoid(t)
+    entropy = -(q * q.log() + (1 - q) * (1 - q).log()).mean(-1)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(s, q, reduction="none").mean(-1)
+    assert soft_kl_teacher(s, t).tolist() == pytest.approx((bce - entropy).tolist(), rel=1e-5)
+
+
+def test_kl_gradients_where_the_student_is_confidently_wrong():
+    """The issue's figures: student logit -8, teacher +8 (one pixel)."""
+    for fn, want in ((soft_kl, -0.005363), (soft_kl_teacher, -0.999329)):
+        s = torch.tensor([[-8.0]], requires_grad=True)
+        fn(s, torch.tensor([[8.0]])).sum().backward()
+        assert float(s.grad) == pytest.approx(want, rel=1e-3)
+    # by hand: d KL(p||q)/ds = p (1 - p) (s - t); d KL(q||p)/ds = p - q
+    p, q = 1 / (1 + math.exp(8)), 1 / (1 + math.exp(-8))
+    assert p * (1 - p) * -16 == pytest.approx(-0.005363, rel=1e-3)
+    assert p - q == pytest.approx(-0.999329, rel=1e-5)
+
+
+def test_soft_kl_teacher_is_finite_and_exact_for_saturated_logits():
+    s = torch.tensor([[50.0, -50.0, 30.0, -90.0]], requires_grad=True)
+    t = torch.tensor([[-12.0, 12.0, 30.0, 12.0]])
+    kl = soft_kl_teacher(s, t)
+    want = (bernoulli_kl(-12, 50) + bernoulli_kl(12, -50) + 0.0 + bernoulli_kl(12, -90)) / 4
+    assert math.isfinite(float(kl.detach())) and float(kl.detach()) == pytest.approx(want, rel=1e-5)
+    kl.sum().backward()
+    # gradient p - q per pixel, divided by the 4 pixels of the mean
+    p, q = torch.sigmoid(s.detach()), torch.sigmoid(t)
+    assert torch.allclose(s.grad, (p - q) / 4, atol=1e-7)
+    assert s.grad[0, 3] == pytest.approx(-1 / 4, rel=1e-4)  # confidently wrong: full gradient
+
+
+def test_every_soft_loss_type_of_the_config_is_registered():
+    from typing import get_args, get_type_hints
+
+    from maskteacher.config import SoftLoss
+
+    assert set(get_args(get_type_hints(SoftLoss)["type"])) == set(SOFT_LOSSES)
 
 
 # ------------------------------------------------------------------------- dual supervision
@@ -122,6 +174,19 @@ def test_dual_kl_hand_value():
     assert float(out.terms["soft"]) == pytest.approx((pair0 + pair1) / 2, rel=1e-5)
 
 
+def test_dual_kl_teacher_hand_value():
+    batch, preds = dual_case([T0, T1])
+    out = dual(0.3, "kl_teacher")(preds, batch, step_context())
+    pair0 = bernoulli_kl(-3, -5) * 12 / 16 + bernoulli_kl(3, 5) * 4 / 16  # (s1, t0)
+    pair1 = (
+        2 * bernoulli_kl(3, 5)
+        + 2 * bernoulli_kl(3, -5)
+        + 2 * bernoulli_kl(-3, 5)
+        + 10 * bernoulli_kl(-3, -5)
+    ) / 16  # (s0, t1)
+    assert float(out.terms["soft"]) == pytest.approx((pair0 + pair1) / 2, rel=1e-5)
+
+
 def test_dual_soft_loss_averages_with_the_all_reduced_count():
     batch, preds = dual_case([T0, T1])
     # under DDP reduce_count gives the mean pair count over the ranks; here: 4 per rank
@@ -133,7 +198,7 @@ def test_dual_soft_loss_averages_with_the_all_reduced_count():
     assert float(out.terms["soft"]) == pytest.approx(4 / 0.5)
 
 
-@pytest.mark.parametrize("kind", ["l2", "kl"])
+@pytest.mark.parametrize("kind", ["l2", "kl", "kl_teacher"])
 def test_dual_without_pairs_is_exactly_zero_and_finite(kind):
     batch, preds = dual_case([T1])  # IoU 1/3 < 0.5, and t1 does not touch s1
     out = dual(0.5, kind)(preds, batch, step_context())

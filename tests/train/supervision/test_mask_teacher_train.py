@@ -52,6 +52,11 @@ METHODS = {
         "iou_threshold": 0.1,
         "soft_loss": {"type": "kl", "weight": 0.3},
     },
+    "dual_kl_teacher": {
+        "method": "dual_supervision",
+        "iou_threshold": 0.1,
+        "soft_loss": {"type": "kl_teacher", "weight": 0.3},
+    },
 }
 
 
