@@ -89,10 +89,13 @@ def test_commands_are_a_plain_tuple_of_modules():
         "precompute",
         "train",
         "eval",
+        "sweep",
         "demo",
     ]
     sub = cli.build_parser()._subparsers._group_actions[0].choices
-    assert list(sub) == ["config", "data", "cache", "precompute", "train", "eval", "demo"]
+    assert list(sub) == [
+        "config", "data", "cache", "precompute", "train", "eval", "sweep", "demo"
+    ]  # fmt: skip
 
 
 def test_dataset_formats_match_the_readers():
