@@ -191,6 +191,10 @@ class TrainConfig:
         "Compute mask losses on this many sampled pixels per pair (null: all low-res pixels).",
         ge=1,
     )
+    point_decoding: bool = _f(
+        True,
+        "With loss_points: decode the student's mask logits with gradients only at the sampled pixels (exact, far less memory; masks for matching and IoU targets come from a no-grad pass); false: full maps with gradients.",
+    )
     hflip: bool = _f(
         False, "Random horizontal flip of image, ground truth, teacher outputs and prompts."
     )
