@@ -247,7 +247,12 @@ GENERATION_KEYS = (
     "box_nms_thresh",
     "max_masks_per_image",
     "multimask_output",
+    "strategy",
 )
+
+#: What a :data:`GENERATION_KEYS` parameter a cache does not record means: caches made before
+#: ``strategy`` existed decoded the whole grid, and later ones record it only when not ``grid``.
+ABSENT_MEANS = {"strategy": "grid"}
 
 
 @dataclass(frozen=True)
@@ -268,9 +273,9 @@ class TeacherIdentity:
     generation: dict[str, Any]
 
 
-#: Generation parameters a cache records only for some teachers (SAM-HQ's ``hq_token_only``);
-#: compared when the cache records them.
-OPTIONAL_GENERATION_KEYS = ("hq_token_only",)
+#: Generation parameters a cache records only for some teachers (SAM-HQ's ``hq_token_only``) or
+#: strategies (the hierarchical strategy's); compared when the cache records them.
+OPTIONAL_GENERATION_KEYS = ("hq_token_only", "hierarchical_stride", "hierarchical_logit_thresh")
 
 
 def generation_params(precompute: Any) -> dict[str, Any]:
@@ -338,12 +343,12 @@ def check_cache_identity(path: str, identity: TeacherIdentity) -> CacheHeader:
     for key, want in identity.generation.items():
         if key in OPTIONAL_GENERATION_KEYS and key not in header.params:
             continue
-        if key not in header.params:
+        if key not in header.params and key not in ABSENT_MEANS:
             raise UserError(
                 f"{identity.where} {path}: the cache records no generation parameter {key!r} "
                 f"(the config has precompute.{key} = {want!r}); {fix}"
             )
-        have = header.params[key]
+        have = header.params.get(key, ABSENT_MEANS.get(key))
         if not _same(have, want):
             raise UserError(
                 f"{prefix} {key} = {have!r}, but the config has precompute.{key} = {want!r}; {fix}"
