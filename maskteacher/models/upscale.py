@@ -10,9 +10,9 @@ transformer's output, ``(r // 4, c // 4)``, through tap ``((r >> 1) & 1, (c >> 1
 first transposed convolution and tap ``(r & 1, c & 1)`` of the second.
 
 :func:`logits_at` computes the logits at N x S chosen pixels that way: it gathers the S source
-pixels per row, runs each transposed convolution on them as 1x1 inputs (all four taps, then
-keeps the pixel's tap) and every other layer as it is, then takes the dot product with the
-row's hypernetwork output. Gradients flow to the transformer output, the hypernetwork output
+pixels per row, runs each transposed convolution on them as matmuls with the one kernel tap
+each sample uses (samples sorted by tap) and every other layer as it is, then takes the dot
+product with the row's hypernetwork output. Gradients flow to the transformer output, the hypernetwork output
 and the upscaling weights exactly as through the dense map restricted to those pixels. Memory
 and work scale with N x S instead of P x K x L x L (the dense map keeps ~7 C L^2 / 8 floats of
 activations per prompt for the backward pass).
@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 from torch.func import functional_call
@@ -58,6 +57,33 @@ def check_pixel_local(upscaling: nn.Sequential) -> int:
     return convs
 
 
+def _taps(rows: torch.Tensor, cols: torch.Tensor, convs: int) -> torch.Tensor:
+    """(N, S) pixel rows / columns -> (N, S) key: the taps of every transposed convolution,
+    two bits per level, the first level most significant."""
+    key = torch.zeros_like(rows)
+    for level in range(convs):
+        shift = convs - 1 - level
+        key = key * 4 + ((rows >> shift) & 1) * 2 + ((cols >> shift) & 1)
+    return key
+
+
+def _conv_taps(
+    x: torch.Tensor, key: torch.Tensor, level: int, convs: int, weight, bias
+) -> torch.Tensor:
+    """A 2x2 / stride-2 transposed convolution on (M, C) samples sorted by ``key``: each run
+    of samples sharing this level's tap is one matmul with that tap's (C, C') kernel."""
+    prefix = key >> (2 * (convs - 1 - level))  # sorted; its lowest 2 bits: this level's tap
+    counts = torch.bincount(prefix, minlength=4 ** (level + 1)).tolist()
+    kernels = weight.permute(2, 3, 0, 1).reshape(4, weight.shape[0], weight.shape[1])
+    parts, start = [], 0
+    for group, count in enumerate(counts):
+        if count:
+            parts.append(x[start : start + count] @ kernels[group & 3])
+            start += count
+    out = torch.cat(parts) if parts else x.new_zeros(0, weight.shape[1])
+    return out if bias is None else out + bias
+
+
 def upscaled_at(
     upscaling: nn.Sequential,
     src: torch.Tensor,
@@ -72,28 +98,29 @@ def upscaled_at(
     each output row reads; pixels: (N, S) long flat indices ``r * L + c`` into the (L, L) output
     (L = E * 2^convs). params: tensors to use instead of ``upscaling``'s own parameters (same
     names as ``upscaling.named_parameters()``), e.g. views a DDP-wrapped forward returned.
+    The samples are sorted by their taps, so that each transposed convolution is a few
+    matmuls with one kernel tap each (no work for the taps a sample does not use).
     """
     convs = check_pixel_local(upscaling)
     side = src.shape[-1] << convs
-    rows, cols = pixels // side, pixels % side
     n, s = pixels.shape
-    flat_src = (rows >> convs) * src.shape[-1] + (cols >> convs)  # (N, S)
-    x = src.flatten(2)[prompt[:, None], :, flat_src]  # (N, S, C)
-    x = x.reshape(n * s, src.shape[1], 1, 1)
+    rows, cols = pixels // side, pixels % side
+    key, order = _taps(rows, cols, convs).flatten().sort(stable=True)
+    flat_src = ((rows >> convs) * src.shape[-1] + (cols >> convs)).flatten()[order]
+    sample_prompt = prompt[:, None].expand(n, s).flatten()[order]
+    x = src.flatten(2).transpose(1, 2)[sample_prompt, flat_src]  # (M, C), sorted by key
     params = dict(upscaling.named_parameters()) if params is None else params
     level = 0
     for i, layer in enumerate(upscaling):
         own = {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith(f"{i}.")}
         if isinstance(layer, nn.ConvTranspose2d):
-            y = F.conv_transpose2d(x, own["weight"], own.get("bias"), stride=2)  # (M, C', 2, 2)
-            shift = convs - 1 - level
-            tap = ((rows >> shift) & 1) * 2 + ((cols >> shift) & 1)  # (N, S)
-            index = tap.reshape(-1, 1, 1).expand(-1, y.shape[1], 1)
-            x = y.flatten(2).gather(2, index)[..., None]  # (M, C', 1, 1)
+            x = _conv_taps(x, key, level, convs, own["weight"], own.get("bias"))
             level += 1
-        else:
-            x = functional_call(layer, own, (x,)) if own else layer(x)
-    return x.reshape(n, s, x.shape[1])
+        else:  # pixel-local: the layer itself on (M, C, 1, 1)
+            image = x[:, :, None, None]
+            x = (functional_call(layer, own, (image,)) if own else layer(image))[:, :, 0, 0]
+    out = torch.empty_like(x).index_copy(0, order, x)  # back to the samples' order
+    return out.reshape(n, s, x.shape[1])
 
 
 def logits_at(
