@@ -63,10 +63,10 @@ def coverage(kept: list[Kept], num_images: int, logit_thresh: float) -> torch.Te
         return None
     logits = torch.cat([k.logits for k in rows])
     image = torch.cat([k.image for k in rows])
-    confident = (logits > logit_thresh).flatten(1).to(torch.uint8)  # (K, L * L)
-    cover = torch.zeros(num_images, confident.shape[1], dtype=torch.uint8, device=logits.device)
-    cover.index_reduce_(0, image, confident, "amax")
-    return cover.bool().reshape(num_images, *logits.shape[-2:])
+    confident = (logits > logit_thresh).flatten(1).float()  # (K, L * L)
+    counts = torch.zeros(num_images, confident.shape[1], device=logits.device)
+    counts.index_add_(0, image, confident)  # confident masks per pixel
+    return (counts > 0).reshape(num_images, *logits.shape[-2:])
 
 
 def hierarchical(
