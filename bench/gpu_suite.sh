@@ -3,7 +3,7 @@
 # random weights), with no internet; every stage has a time limit and the limits add up to
 # 290 s, so the suite ends within 5 minutes (QUICK=1: 235 s) whatever happens:
 #   1. precompute: ours vs SamAutomaticMaskGenerator, + the generation speed options (sdpa,
-#      channels_last, bf16, compile), the SDPA encoder (time, max abs diff) and hierarchical vs
+#      bf16, compile), the SDPA encoder (time, max abs diff) and hierarchical vs
 #      grid (decoder prompts, time, agreement)                           bench/precompute.py
 #   2. train step, 64 prompts/image: full-map decoding vs point-sampled decoding (bf16, and
 #      compiled point-sampled): ms/image and peak memory               bench/train_step.py

@@ -500,10 +500,6 @@ class PrecomputeConfig:
         False,
         "Run the ViT teacher encoder's attention through scaled_dot_product_attention (same results to float rounding; 1.15x on CPU for vit_b @1024).",
     )
-    channels_last: bool = _f(
-        False,
-        "Run the mask decoder's upscaling on channels-last tensors (same results to float rounding; 1.35-1.75x for the upscaling on CPU).",
-    )
     compile: bool = _f(
         False,
         "torch.compile the teacher's decoder calls (a one-time compile of ~30-60 s; 2x on CPU for SAM's 256-wide decoder).",

@@ -62,15 +62,13 @@ def decode_points(
     image_index: torch.Tensor | None = None,
     multimask_output: bool,
     return_tokens: bool = False,
-    channels_last: bool = False,
 ) -> DecoderOutput:
     """Decode one positive point prompt per row of ``points`` against its image's embedding.
 
     image_embeddings: (B, C, E, E) image-encoder output. points: (P, 2) float (x, y) in the
     model input frame. image_index: (P,) long, the image of each prompt (None: all on image 0,
     only when B == 1). Equal to ``model.mask_decoder`` run image by image (same multimask
-    slicing: masks 1..3 with ``multimask_output``, else mask 0). channels_last: run the mask
-    upscaling on channels-last tensors (the same values to float rounding; faster on CPU).
+    slicing: masks 1..3 with ``multimask_output``, else mask 0).
     """
     num_images = image_embeddings.shape[0]
     num_prompts = points.shape[0]
@@ -95,8 +93,7 @@ def decode_points(
         multimask_output=multimask_output,
         return_tokens=return_tokens,
     )
-    masks = upscale_masks(decoder, state, channels_last=channels_last)
-    return DecoderOutput(masks, state.iou_pred, state.tokens)
+    return DecoderOutput(upscale_masks(decoder, state), state.iou_pred, state.tokens)
 
 
 @dataclass
@@ -161,13 +158,9 @@ def run_decoder(
     return DecoderState(src=image, hyper_in=hyper_in, iou_pred=iou, tokens=out_tokens)
 
 
-def upscale_masks(
-    decoder: torch.nn.Module, state: DecoderState, *, channels_last: bool = False
-) -> torch.Tensor:
-    """(P, K, L, L) mask logits of a :class:`DecoderState` (``predict_masks``' last step);
-    ``channels_last``: the upscaling on channels-last tensors."""
-    src = state.src.contiguous(memory_format=torch.channels_last) if channels_last else state.src
-    upscaled = decoder.output_upscaling(src)
+def upscale_masks(decoder: torch.nn.Module, state: DecoderState) -> torch.Tensor:
+    """(P, K, L, L) mask logits of a :class:`DecoderState` (``predict_masks``' last step)."""
+    upscaled = decoder.output_upscaling(state.src)
     p, c8, lh, lw = upscaled.shape
     k = state.hyper_in.shape[1]
     return (state.hyper_in @ upscaled.reshape(p, c8, lh * lw)).reshape(p, k, lh, lw)

@@ -51,7 +51,6 @@ def decode_points_hq(
     multimask_output: bool,
     hq_token_only: bool = False,
     return_tokens: bool = False,
-    channels_last: bool = False,
 ) -> DecoderOutput:
     """Decode one positive point prompt per row of ``points`` with SAM-HQ's decoder.
 
@@ -59,7 +58,6 @@ def decode_points_hq(
     points: (P, 2) float (x, y) in the model input frame; image_index: (P,) long, the image of
     each prompt. Returns low_res_logits (P, 1, L, L), iou_pred (P, 1) and tokens (P, 1, C) when
     asked (module docstring). Equal to ``model.mask_decoder`` run image by image.
-    channels_last: run the mask upscaling on channels-last tensors.
     """
     decoder = model.mask_decoder
     num_prompts = points.shape[0]
@@ -80,9 +78,7 @@ def decode_points_hq(
     iou_all = decoder.iou_prediction_head(hs[:, 0, :])  # (P, n_sam)
     mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
 
-    image = src.transpose(1, 2).reshape(p, c, h, w)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    upscaled = decoder.output_upscaling(image.contiguous(memory_format=layout))
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(p, c, h, w))
     upscaled_hq = decoder.embedding_maskfeature(upscaled) + image_hq_features.index_select(0, index)
     if multimask_output:
         iou, best = iou_all[:, 1:n_sam].max(dim=1)

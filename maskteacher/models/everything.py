@@ -38,8 +38,9 @@ segment-anything-hq's ``SamAutomaticMaskGenerator`` does (default ``hq_token_onl
 
 Speed options that change no result beyond float rounding (so the cache header does not record
 them, :data:`NOT_RECORDED`): ``sdpa`` (the ViT encoder's attention through SDPA,
-:mod:`.attention`), ``channels_last`` (the mask upscaling on channels-last tensors), ``compile``
-(``torch.compile`` of the per-chunk decoder call); ``bf16`` autocast is recorded.
+:mod:`.attention`) and ``compile`` (``torch.compile`` of the per-chunk decoder call); ``bf16``
+autocast is recorded. (The mask upscaling already runs on channels-last tensors: the
+transformer's output, viewed in image layout, has that memory layout.)
 """
 
 from __future__ import annotations
@@ -115,7 +116,6 @@ class GenerationParams:
     hierarchical_logit_thresh: float = 8.5
     bf16: bool = False
     sdpa: bool = False
-    channels_last: bool = False
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -149,7 +149,7 @@ class GenerationParams:
 
 #: Generation settings that change how the work is done, not what it gives (beyond float
 #: rounding): never in the cache header.
-NOT_RECORDED = ("points_per_batch", "sdpa", "channels_last", "compile")
+NOT_RECORDED = ("points_per_batch", "sdpa", "compile")
 #: The hierarchical strategy's own parameters (recorded with ``strategy: hierarchical``).
 HIERARCHICAL_KEYS = ("hierarchical_stride", "hierarchical_logit_thresh")
 
@@ -228,7 +228,7 @@ def _decode(
     decode = prompt_decoder(
         model, features, multimask_output=params.multimask_output,
         hq_token_only=params.hq_token_only, return_tokens=return_tokens, bf16=params.bf16,
-        channels_last=params.channels_last, compile=params.compile,
+        compile=params.compile,
     )  # fmt: skip
     filters = {
         "pred_iou_thresh": params.pred_iou_thresh,

@@ -7,8 +7,8 @@ decoder reads besides (computed once per image from the encoder's early feature 
 :func:`~maskteacher.models.decode_points` for SAM, with
 :func:`~maskteacher.models.decode_hq.decode_points_hq` for SAM-HQ -- so the everything-mode
 generator and precompute's verification need not know which kind of model they run.
-:func:`prompt_decoder` binds those choices and the speed options (bf16 autocast, channels-last
-upscaling, ``torch.compile``) into the one call the generator makes per chunk.
+:func:`prompt_decoder` binds those choices and the speed options (bf16 autocast,
+``torch.compile``) into the one call the generator makes per chunk.
 """
 
 from __future__ import annotations
@@ -90,12 +90,10 @@ def decode_prompts(
     multimask_output: bool,
     hq_token_only: bool = False,
     return_tokens: bool = False,
-    channels_last: bool = False,
 ) -> DecoderOutput:
     """One positive point prompt per row of ``points`` (P, 2) decoded on its image's features:
     :func:`~maskteacher.models.decode_points` for SAM (K = 3 or 1 masks per prompt),
-    :func:`~maskteacher.models.decode_hq.decode_points_hq` for SAM-HQ (K = 1).
-    channels_last: run the mask upscaling on channels-last tensors."""
+    :func:`~maskteacher.models.decode_hq.decode_points_hq` for SAM-HQ (K = 1)."""
     if features.hq is None:
         return decode_points(
             model,
@@ -104,7 +102,6 @@ def decode_prompts(
             image_index=image_index,
             multimask_output=multimask_output,
             return_tokens=return_tokens,
-            channels_last=channels_last,
         )
     if image_index is None:
         image_index = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
@@ -117,7 +114,6 @@ def decode_prompts(
         multimask_output=multimask_output,
         hq_token_only=hq_token_only,
         return_tokens=return_tokens,
-        channels_last=channels_last,
     )
 
 
@@ -134,7 +130,6 @@ def prompt_decoder(
     hq_token_only: bool = False,
     return_tokens: bool = False,
     bf16: bool = False,
-    channels_last: bool = False,
     compile: bool = False,
 ) -> Callable[[torch.Tensor, torch.Tensor], DecoderOutput]:
     """``decode(points (P, 2), image_index (P,)) -> DecoderOutput``: :func:`decode_prompts` on
@@ -154,7 +149,6 @@ def prompt_decoder(
                 multimask_output=multimask_output,
                 hq_token_only=hq_token_only,
                 return_tokens=return_tokens,
-                channels_last=channels_last,
             )
 
     return decode

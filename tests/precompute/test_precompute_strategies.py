@@ -1,5 +1,5 @@
 """Generation speed: the hierarchical prompt strategy (maskteacher.models.strategies), the speed
-options (SDPA encoder attention, channels-last upscaling, torch.compile of the decoder calls)
+options (SDPA encoder attention, torch.compile of the decoder calls)
 and how they reach the cache header."""
 
 from __future__ import annotations
@@ -118,8 +118,7 @@ def test_hierarchical_decodes_fewer_prompts_when_masks_are_confident():
 
 
 def test_speed_options_give_the_same_masks():
-    """SDPA attention in the ViT encoder and the channels-last upscaling: the same masks, to
-    float rounding."""
+    """SDPA attention in the ViT encoder: the same masks, to float rounding."""
     model = make_teacher(0)
     with torch.no_grad():  # zero-initialised relative-position tables would hide that term
         for block in model.image_encoder.blocks:
@@ -127,9 +126,7 @@ def test_speed_options_give_the_same_masks():
             block.attn.rel_pos_w.normal_(0, 0.5)
     images, input_hw, orig_hw = _inputs()
     want = generate_everything(model, images, input_hw, orig_hw, **KWARGS)
-    got = generate_everything(
-        model, images, input_hw, orig_hw, sdpa=True, channels_last=True, **KWARGS
-    )
+    got = generate_everything(model, images, input_hw, orig_hw, sdpa=True, **KWARGS)
     _same_outputs(got, want)
 
 
@@ -144,8 +141,8 @@ def test_compiled_decoder_gives_the_same_masks():
 
 
 def test_header_records_the_strategy_not_the_speed_options():
-    grid = GenerationParams(sdpa=True, channels_last=True, compile=True).header_params()
-    assert not {"strategy", "hierarchical_stride", "sdpa", "channels_last", "compile"} & set(grid)
+    grid = GenerationParams(sdpa=True, compile=True).header_params()
+    assert not {"strategy", "hierarchical_stride", "sdpa", "compile"} & set(grid)
     hier = GenerationParams(strategy="hierarchical", hierarchical_stride=2).header_params()
     assert hier["strategy"] == "hierarchical" and hier["hierarchical_stride"] == 2
     assert hier["hierarchical_logit_thresh"] == 8.5
