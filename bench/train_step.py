@@ -270,12 +270,21 @@ RATIOS: list[tuple[str, str]] = [
 ]
 #: Variants run when --variants is not given.
 DEFAULT_VARIANTS = {
-    "cpu": ["naive", "batched", "batched_points", "batched_ckpt", "dual_cache", "dual_online"],
+    "cpu": [
+        "naive",
+        "batched",
+        "batched_points",
+        "points",
+        "batched_ckpt",
+        "dual_cache",
+        "dual_online",
+    ],
     "cuda": [
         "naive",
         "batched",
         "batched_points",
         "batched_bf16",
+        "points_bf16",
         "bf16_ckpt",
         "dual_cache_bf16",
         "dual_online_bf16",
