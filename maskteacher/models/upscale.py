@@ -14,8 +14,10 @@ pixels per row, runs each transposed convolution on them as matmuls with the one
 each sample uses (samples sorted by tap) and every other layer as it is, then takes the dot
 product with the row's hypernetwork output. Gradients flow to the transformer output, the hypernetwork output
 and the upscaling weights exactly as through the dense map restricted to those pixels. Memory
-and work scale with N x S instead of P x K x L x L (the dense map keeps ~7 C L^2 / 8 floats of
-activations per prompt for the backward pass).
+and work scale with the N x S samples (about 2 C floats of activations each are kept for the
+backward pass) instead of the P prompts' full maps (about C L^2 / 2 floats each: the upscaling's
+intermediate maps at L / 2 and L); the win is largest when S is well below L^2 and the matched
+pairs N are fewer than the prompts.
 
 :func:`check_pixel_local` refuses an upscaling stack this does not hold for.
 """
