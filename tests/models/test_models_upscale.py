@@ -13,11 +13,11 @@ from maskteacher.models import build_sam
 from maskteacher.models.decode import DecoderState, upscale_masks
 from maskteacher.models.upscale import check_pixel_local, logits_at
 
-#: bf16 autocast: the two paths run different kernels (1x1 vs full transposed convolutions, a
-#: batched vs a single matmul) whose fp32 accumulations differ by ~1e-6, so a bf16 rounding can
-#: flip: the bound is 2 bf16 ulps of the largest logit (2 * 2^-7 relative). Measured on the CPU
-#: (5 seeds, C = 64 and 256, logits up to ~13): 0 -- the rounded values were identical.
-BF16_REL_BOUND = 2 * 2**-7
+#: bf16 autocast: the two paths run different kernels (matmuls per kernel tap vs full transposed
+#: convolutions) and round their intermediate maps to bf16 at different points, so the logits
+#: differ by a few bf16 ulps: the bound is 4 ulps of the largest logit (4 * 2^-7 relative).
+#: Measured on the CPU (20 seeds, C = 64 and 256, logits up to ~12): at most 1.4e-2 (~2 ulps).
+BF16_REL_BOUND = 4 * 2**-7
 
 
 def _decoder(dim: int) -> MaskDecoder:
