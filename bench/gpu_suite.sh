@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
-# GPU benchmark suite: the precompute ratio, the train-step ratios and peak memory at real sizes
-# (SAM-H teacher, MobileSAM vit_t student, image_size 1024, random weights), in about 5 minutes
-# on one H100 (QUICK=1: about 4), with no internet.
+# GPU benchmark suite at real sizes (SAM-H teacher, MobileSAM vit_t student, image_size 1024,
+# random weights), with no internet; every stage has a time limit and the limits add up to
+# 290 s, so the suite ends within 5 minutes (QUICK=1: 235 s) whatever happens:
+#   1. precompute: ours vs SamAutomaticMaskGenerator, + the generation speed options (sdpa,
+#      bf16, compile), the SDPA encoder (time, max abs diff) and hierarchical vs
+#      grid (decoder prompts, time, agreement)                           bench/precompute.py
+#   2. train step, 64 prompts/image: full-map decoding vs point-sampled decoding (bf16, and
+#      compiled point-sampled): ms/image and peak memory               bench/train_step.py
+#   3. the same at 256 prompts/image (bf16, eager; batch 2: the same prompts per step)
+#   4. AdamW: single-tensor vs foreach vs fused                         bench/optimizer.py
+# DRY_RUN=1 prints the commands instead of running them; TINY=1 runs the same commands on the
+# CPU with tiny models (a check of the script and its flags, not a measurement).
 #
 # Usage (from anywhere):   bash bench/gpu_suite.sh [WHEEL_DIR]
 #
@@ -34,18 +43,24 @@ if ! python3 -c "$need" 2>/dev/null; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-python3 -c "$need; import maskteacher, torch; assert torch.cuda.is_available(), 'no CUDA device'; \
+dev=cuda; teacher=vit_h; student=vit_t; size=1024; loss_points=4096; grid=32
+if [ "${TINY:-0}" = 1 ]; then dev=cpu; teacher=vit_b_tiny; student=vit_t_tiny; size=128; loss_points=256; grid=8; fi
+if [ "${DRY_RUN:-0}" != 1 ] && [ "$dev" = cuda ]; then
+    python3 -c "$need; import maskteacher, torch; assert torch.cuda.is_available(), 'no CUDA device'; \
 print('gpu_suite:', torch.cuda.get_device_name(0), 'torch', torch.__version__)" || exit 1
+fi
 
-# QUICK=1 halves the work (2 images, 4 steps) for a lease with little time left.
-images=4; steps=6; lim_pre=150; lim_train=300
-if [ "${QUICK:-0}" = 1 ]; then images=2; steps=4; lim_pre=120; lim_train=260; fi
+# QUICK=1: fewer images and steps, shorter limits, for a lease with little time left.
+images=2; steps=4; lim_pre=120; lim_t64=100; lim_t256=50; lim_opt=20
+if [ "${QUICK:-0}" = 1 ]; then images=1; steps=3; lim_pre=100; lim_t64=80; lim_t256=40; lim_opt=15; fi
+if [ "${TINY:-0}" = 1 ]; then lim_pre=600; lim_t64=600; lim_t256=300; lim_opt=120; fi  # CPU compiles
 
 status=0
 run() {  # run NAME SECONDS COMMAND...: one benchmark with a time limit, its output kept in $logs
     local name=$1 limit=$2
     shift 2
-    echo "== $name: $*"
+    echo "== $name (limit $limit s): $*"
+    if [ "${DRY_RUN:-0}" = 1 ]; then return; fi
     local started=$SECONDS
     timeout "$limit" "$@" 2>&1 | tee "$logs/$name.log"
     local rc=${PIPESTATUS[0]}
@@ -53,14 +68,17 @@ run() {  # run NAME SECONDS COMMAND...: one benchmark with a time limit, its out
     [ "$rc" -eq 0 ] || status=1
 }
 
-# 1. precompute: our generator vs SamAutomaticMaskGenerator, SAM-H, 32x32 grid, ~100 masks/image
-run precompute "$lim_pre" python3 bench/precompute.py --device cuda --model vit_h --image-size 1024 \
-    --images "$images" --batch "$images" --points-per-batch 256
-# 2. train step: naive loop vs our batched bf16 step (vit_t, 1024, batch 8, 64 prompts), with
-#    decoder checkpointing, compiled, compiled + checkpointing; dual_supervision from the cache vs
-#    GT only; online SAM-H teacher (16x16 grid) vs the cache
-run train_step "$lim_train" python3 bench/train_step.py --device cuda --model vit_t --image-size 1024 \
-    --batch 8 --prompts 64 --teacher-model vit_h --teacher-grid 16 --steps "$steps" \
-    --variants naive batched_bf16 dual_cache_bf16 dual_online_bf16 bf16_ckpt compiled compiled_ckpt
+train=(python3 bench/train_step.py --device "$dev" --model "$student" --image-size "$size" --batch 8
+       --loss-points "$loss_points" --steps "$steps" --warmup 1)
+# 1. precompute: ours vs the reference, SAM-H, 32x32 grid, ~100 masks/image; then the speed
+#    options, the SDPA encoder and hierarchical vs grid on the same teacher and images
+run precompute "$lim_pre" python3 bench/precompute.py --device "$dev" --model "$teacher" \
+    --image-size "$size" --points-per-side "$grid" --images "$images" --batch "$images" \
+    --points-per-batch 256 --no-pipeline --extra options encoder strategies --compile
+# 2. + 3. train step: full maps vs point-sampled decoding at 64 and 256 prompts per image
+run train_64 "$lim_t64" "${train[@]}" --prompts 64 --variants batched_bf16 points_bf16 points_compiled
+run train_256 "$lim_t256" "${train[@]}" --prompts 256 --batch 2 --variants batched_bf16 points_bf16
+# 4. the optimizer step
+run optimizer "$lim_opt" python3 bench/optimizer.py --device "$dev" --models "$student" "$teacher"
 echo "gpu_suite: logs in $logs"
 exit $status

@@ -45,7 +45,6 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +54,7 @@ from segment_anything import SamAutomaticMaskGenerator
 
 from maskteacher.cache_format import Codec, StoreFlags
 from maskteacher.data import generate_sample, to_model_input
-from maskteacher.models import HQ_VARIANTS, build_sam, is_hq_model
+from maskteacher.models import HQ_VARIANTS, is_hq_model
 from maskteacher.models.everything import generate_everything, lowres_to_masks
 from maskteacher.precompute import (
     GenerationParams,
@@ -65,30 +64,13 @@ from maskteacher.precompute import (
     run_precompute,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from random_teacher import build_teacher, calibrate  # noqa: E402  (bench/random_teacher.py)
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def scale_mask_logits(model: torch.nn.Module, factor: float) -> None:
-    decoder = model.mask_decoder
-    mlps = list(decoder.output_hypernetworks_mlps)
-    if is_hq_model(model):
-        mlps.append(decoder.hf_mlp)
-    with torch.no_grad():
-        for mlp in mlps:
-            mlp.layers[-1].weight.mul_(factor)
-            mlp.layers[-1].bias.mul_(factor)
-
-
-def upscaling_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder's 2x2 transposed convolutions (SAM-HQ: those of the HQ features too)."""
-    decoder = model.mask_decoder
-    parts = [decoder.output_upscaling]
-    if is_hq_model(model):
-        parts += [decoder.embedding_encoder, decoder.compress_vit_feat]
-    return [m for part in parts for m in part if isinstance(m, torch.nn.ConvTranspose2d)]
 
 
 def reference_generator(model: torch.nn.Module, **kwargs):
@@ -101,107 +83,6 @@ def reference_generator(model: torch.nn.Module, **kwargs):
         warnings.simplefilter("ignore")  # timm's deprecation warnings
         from segment_anything_hq import SamAutomaticMaskGenerator as HQMaskGenerator
     return HQMaskGenerator(model, **kwargs)
-
-
-def build_teacher(
-    args, device: torch.device, probe: np.ndarray, model_type: str | None = None
-) -> tuple[torch.nn.Module, float]:
-    """Random-weight teacher with SAM-like output ranges: the mask head scaled to logit std
-    ``args.logit_std``, the IoU head's bias shifted so that predicted IoUs centre on 0.5 (random
-    weights centre them on 0, where a positive pred_iou_thresh would keep nothing)."""
-    torch.manual_seed(args.seed)
-    model = build_sam(model_type or args.model, image_size=args.image_size).to(device).eval()
-    model.requires_grad_(False)
-    x, hw = to_model_input(probe, args.image_size)
-
-    def probe_output():
-        return generate_everything(
-            model,
-            x[None].to(device),
-            [hw],
-            [probe.shape[:2]],
-            points_per_side=8,
-            pred_iou_thresh=0.0,
-            stability_score_thresh=0.0,
-            box_nms_thresh=1.0,
-        )[0]
-
-    if not args.keep_upscaling:
-        # random 2x2 transposed-conv kernels put a checkerboard into every mask (trained SAM
-        # kernels do not): use each kernel's mean over its taps
-        with torch.no_grad():
-            for layer in upscaling_layers(model):
-                layer.weight.copy_(
-                    layer.weight.mean(dim=(2, 3), keepdim=True).expand_as(layer.weight)
-                )
-    factor = args.logit_std / float(probe_output().logits.std())
-    scale_mask_logits(model, factor)
-    with torch.no_grad():
-        model.mask_decoder.iou_prediction_head.layers[-1].bias += 0.5 - probe_output().iou.median()
-    return model, factor
-
-
-@dataclass
-class Thresholds:
-    pred_iou_thresh: float
-    stability_score_thresh: float
-    box_nms_thresh: float
-    note: str
-
-
-def calibrate(model, images, args, device) -> Thresholds:
-    """Thresholds under which ~args.masks masks per image survive (module docstring), from the
-    predicted IoU and stability of every grid candidate of every image. The candidates' stability
-    is ours (low-res); with the smoothed upscaling it ranks masks as the reference's
-    full-resolution stability does (the agreement figure checks the outcome)."""
-    target = args.masks * len(images)
-    ious, stabs = [], []
-    for image in images:
-        x, hw = to_model_input(image, args.image_size)
-        out = generate_everything(
-            model,
-            x[None].to(device),
-            [hw],
-            [image.shape[:2]],
-            points_per_side=args.points_per_side,
-            points_per_batch=args.points_per_batch,
-            pred_iou_thresh=0.0,
-            stability_score_thresh=0.0,
-            box_nms_thresh=1.0,
-        )[0]
-        ious.append(out.iou.cpu())
-        stabs.append(out.stability.cpu())
-    iou, stab = torch.cat(ious), torch.cat(stabs)
-    stab_t = 0.95
-    if int((stab >= stab_t).sum()) < 1.5 * target:
-        stab_t = float(torch.quantile(stab, 1.0 - min(1.0, 1.5 * target / len(stab))))
-    kept = torch.sort(iou[stab >= stab_t], descending=True).values
-    k = min(target, len(kept) - 1)
-    iou_t = float(kept[k - 1] + kept[k]) / 2 if k > 0 else 0.0
-    nms_t, note = 0.7, ""
-    survivors = 0
-    for image in images:
-        x, hw = to_model_input(image, args.image_size)
-        survivors += len(
-            generate_everything(
-                model,
-                x[None].to(device),
-                [hw],
-                [image.shape[:2]],
-                points_per_side=args.points_per_side,
-                points_per_batch=args.points_per_batch,
-                pred_iou_thresh=iou_t,
-                stability_score_thresh=stab_t,
-                box_nms_thresh=nms_t,
-            )[0]
-        )
-    if survivors < target / 2:
-        note = (
-            f"box NMS at 0.7 keeps {survivors / len(images):.1f} masks/image of random weights' "
-            "image-wide masks -> box_nms_thresh 1.0"
-        )
-        nms_t = 1.0
-    return Thresholds(iou_t, stab_t, nms_t, note)
 
 
 def run_reference(model, images, kwargs) -> tuple[float, list[torch.Tensor]]:
@@ -310,6 +191,31 @@ def hq_over_sam(args, images, device, hq_model, hq_kwargs) -> tuple[float, float
     return min(hq_s), min(sam_s), sum(len(o) for o, _ in sam_out), sam_type
 
 
+def generation_tables(model, images, kwargs, args, device) -> None:
+    """bench/generation.py's speed-option, encoder and strategy tables (``--extra``)."""
+    import generation  # bench/generation.py, beside this file
+
+    inputs = [to_model_input(image, args.image_size) for image in images]
+    batch = (torch.stack([x for x, _ in inputs]).to(device), [hw for _, hw in inputs],
+             [image.shape[:2] for image in images])  # fmt: skip
+    gen_args = argparse.Namespace(
+        compile=args.compile, bf16=device.type == "cuda", rounds=2, stride=4,
+        logit_thresh=[8.5, 4.0], points_per_side=args.points_per_side, image_size=args.image_size,
+    )  # fmt: skip
+    if "options" in args.extra:
+        print("\n| generator settings | ms/image | speed vs default | masks | max logit diff |")
+        print("|---|---|---|---|---|\n" + "\n".join(
+            generation.option_rows(model, batch, kwargs, gen_args, device)))  # fmt: skip
+    if "encoder" in args.extra:
+        print("\n" + generation.encoder_row(model, batch, device, gen_args.rounds))
+    if "strategies" in args.extra:
+        print(
+            "\n| strategy | prompts/image | ms/image | speed vs grid | masks/image | grid masks "
+            "found / hierarchical masks in grid (IoU >= 0.9) |\n|---|---|---|---|---|---|"
+        )
+        print("\n".join(generation.strategy_rows(model, batch, kwargs, gen_args, device)))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -346,6 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    p.add_argument(
+        "--extra",
+        nargs="*",
+        default=[],
+        choices=["options", "encoder", "strategies"],
+        help="also bench/generation.py's tables on this teacher, images and thresholds",
+    )
+    p.add_argument("--compile", action="store_true", help="--extra options: also compile=True")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.images = args.images or (8 if cuda else 3)
@@ -430,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.model} {1000 * hq_s / n:.0f} ms/image vs {sam_type} {1000 * sam_s / n:.0f} "
             f"ms/image ({sam_masks / n:.1f} masks/image): **{hq_s / sam_s:.2f}x**"
         )
+    if args.extra:
+        generation_tables(model, images, kwargs, args, device)
     print(f"bench wall time {time.perf_counter() - t0:.0f} s")
     if args.json:
         print(

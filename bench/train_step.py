@@ -17,6 +17,15 @@ ratios against the baseline, all measured side by side in one run:
   compiled          batched_bf16 + torch.compile of the student forward (--compile)
   compiled_ckpt     compiled + activation checkpointing of the decoder chunks
 
+Point-sampled decoding (issue 17; ``train.point_decoding``, the trainer's default with
+``train.loss_points``): the same losses on the same sampled pixels, but the student's mask
+logits are decoded with gradients only there, the full maps for matching come from a no-grad
+pass -- compare each with the variant above it that decodes full maps:
+
+  points            batched_points with point-sampled decoding (fp32)
+  points_bf16       batched_bf16 with point-sampled decoding
+  points_compiled   compiled with point-sampled decoding
+
 Mask-teacher supervision (issue 7; the GT-only step above is the reference):
 
   dual_cache        batched_points + dual_supervision (soft loss, --soft-type) with the teacher's
@@ -152,6 +161,7 @@ class Variant:
     compile: bool = False
     naive: bool = False
     teacher: str | None = None  # None: GT only; "cache": dual from cached outputs; "online"
+    point_decoding: bool = False
 
 
 VARIANTS: dict[str, Variant] = {
@@ -188,6 +198,27 @@ VARIANTS: dict[str, Variant] = {
             loss_points=True,
             compile=True,
             checkpoint_decoder=True,
+        ),
+        Variant(
+            "points",
+            "batched_points + point-sampled decoding",
+            loss_points=True,
+            point_decoding=True,
+        ),
+        Variant(
+            "points_bf16",
+            "batched_bf16 + point-sampled decoding",
+            bf16=True,
+            loss_points=True,
+            point_decoding=True,
+        ),
+        Variant(
+            "points_compiled",
+            "compiled + point-sampled decoding",
+            bf16=True,
+            loss_points=True,
+            compile=True,
+            point_decoding=True,
         ),
         Variant(
             "dual_cache",
@@ -228,6 +259,10 @@ RATIOS: list[tuple[str, str]] = [
     ("compiled", "naive"),
     ("compiled", "batched_bf16"),
     ("compiled_ckpt", "compiled"),
+    ("points", "batched_points"),
+    ("points_bf16", "batched_bf16"),
+    ("points_compiled", "compiled"),
+    ("points_compiled", "naive"),
     ("dual_cache", "batched_points"),  # target <= 1.10
     ("dual_online", "dual_cache"),  # target >= 3 (GPU, vit_h teacher)
     ("dual_cache_bf16", "batched_bf16"),  # target <= 1.10
@@ -235,12 +270,21 @@ RATIOS: list[tuple[str, str]] = [
 ]
 #: Variants run when --variants is not given.
 DEFAULT_VARIANTS = {
-    "cpu": ["naive", "batched", "batched_points", "batched_ckpt", "dual_cache", "dual_online"],
+    "cpu": [
+        "naive",
+        "batched",
+        "batched_points",
+        "points",
+        "batched_ckpt",
+        "dual_cache",
+        "dual_online",
+    ],
     "cuda": [
         "naive",
         "batched",
         "batched_points",
         "batched_bf16",
+        "points_bf16",
         "bf16_ckpt",
         "dual_cache_bf16",
         "dual_online_bf16",
@@ -346,6 +390,7 @@ def make_step(variant: Variant, args, device: torch.device) -> tuple[Callable[[]
         sam,
         points_per_batch=max(1, chunk),
         checkpoint_decoder=variant.checkpoint_decoder,
+        point_decoding=variant.point_decoding,
     )
     module = torch.compile(forward) if variant.compile else forward
     optimizer = build_optimizer(sam, lr=1e-5, weight_decay=1e-4, encoder_lr_scale=0.1)

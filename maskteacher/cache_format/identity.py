@@ -41,10 +41,23 @@ GENERATION_KEYS = (
     "mask_threshold",
     "generator",
     "hq_token_only",
+    "strategy",
+    "hierarchical_stride",
+    "hierarchical_logit_thresh",
 )
 #: Listed keys a header records only where they change the output (``hq_token_only``: SAM-HQ
-#: teachers); absent on both sides they agree, and callers may leave them out.
-OPTIONAL_GENERATION_KEYS = ("hq_token_only",)
+#: teachers; ``strategy`` and its parameters: only when not the full ``grid``, so caches made
+#: before the key existed still match); absent on both sides they agree, and callers may leave
+#: them out.
+OPTIONAL_GENERATION_KEYS = (
+    "hq_token_only",
+    "strategy",
+    "hierarchical_stride",
+    "hierarchical_logit_thresh",
+)
+
+#: What an optional key a header does not record means (compared and shown as this value).
+ABSENT_MEANS = {"strategy": "grid"}
 
 #: What the cache content depends on (see the module docstring), in the order they are checked.
 CONTENT_FIELDS = (
@@ -100,7 +113,9 @@ def identity(header: CacheHeader, *, layout: bool = False) -> dict[str, Any]:
         "codec.name": header.codec.name,
         "codec.clip": float(header.codec.clip),
     }
-    values.update({f"params.{k}": header.params.get(k) for k in GENERATION_KEYS})
+    values.update(
+        {f"params.{k}": header.params.get(k, ABSENT_MEANS.get(k)) for k in GENERATION_KEYS}
+    )
     if layout:
         values.update(
             {
@@ -163,7 +178,7 @@ def expectation_mismatch(
         "codec.name": codec_name,
         "codec.clip": float(codec_clip),
     }
-    want.update({f"params.{k}": params.get(k) for k in GENERATION_KEYS})
+    want.update({f"params.{k}": params.get(k, ABSENT_MEANS.get(k)) for k in GENERATION_KEYS})
     have = identity(header)
     for name in CONTENT_FIELDS:
         if want[name] is None and name in ("teacher_type", "checkpoint_sha256"):

@@ -82,30 +82,88 @@ def decode_points(
         raise ValueError(f"image_index must be ({num_prompts},), got {tuple(image_index.shape)}")
 
     decoder = model.mask_decoder
-    selected = range(1, decoder.num_mask_tokens) if multimask_output else range(0, 1)
     if num_prompts == 0:
-        return _empty_output(model, image_embeddings, len(selected), return_tokens)
+        k = decoder.num_mask_tokens - 1 if multimask_output else 1
+        return _empty_output(model, image_embeddings, k, return_tokens)
+    state = decode_points_state(
+        model,
+        image_embeddings,
+        points,
+        image_index=image_index,
+        multimask_output=multimask_output,
+        return_tokens=return_tokens,
+    )
+    return DecoderOutput(upscale_masks(decoder, state), state.iou_pred, state.tokens)
 
+
+@dataclass
+class DecoderState:
+    """The mask decoder's outputs before the mask upscaling, for P prompts (K masks each).
+
+    src: (P, C, E, E) the transformer's image features (a view in image layout); hyper_in:
+    (P, K, C/8) the hypernetwork output of each returned mask token; iou_pred: (P, K); tokens:
+    (P, K, C) mask-token outputs or None. :func:`upscale_masks` turns it into (P, K, L, L)
+    logits; :func:`maskteacher.models.upscale.logits_at` gives them at chosen pixels only.
+    """
+
+    src: torch.Tensor
+    hyper_in: torch.Tensor
+    iou_pred: torch.Tensor
+    tokens: torch.Tensor | None = None
+
+
+def decode_points_state(
+    model: Sam,
+    image_embeddings: torch.Tensor,
+    points: torch.Tensor,
+    *,
+    image_index: torch.Tensor,
+    multimask_output: bool,
+    return_tokens: bool = False,
+) -> DecoderState:
+    """:func:`decode_points` up to the mask upscaling (P >= 1 prompts, same arguments)."""
     sparse, dense = point_prompt_embeddings(model.prompt_encoder, points)
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat([output_tokens.expand(num_prompts, -1, -1), sparse], dim=1)
-
     src = image_embeddings.index_select(0, image_index.to(image_embeddings.device)) + dense
-    pos = model.prompt_encoder.get_dense_pe().expand(num_prompts, -1, -1, -1)
+    return run_decoder(
+        model, src, sparse, multimask_output=multimask_output, return_tokens=return_tokens
+    )
+
+
+def run_decoder(
+    model: Sam,
+    src: torch.Tensor,
+    sparse: torch.Tensor,
+    *,
+    multimask_output: bool,
+    return_tokens: bool,
+) -> DecoderState:
+    """segment-anything's ``MaskDecoder.predict_masks`` up to the upscaling, with its multimask
+    slicing. src: (P, C, E, E) each prompt's image embedding plus its dense prompt embedding;
+    sparse: (P, T, C) the prompt encoder's sparse embeddings."""
+    decoder = model.mask_decoder
+    selected = range(1, decoder.num_mask_tokens) if multimask_output else range(0, 1)
+    num = sparse.shape[0]
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat([output_tokens.expand(num, -1, -1), sparse], dim=1)
+    pos = model.prompt_encoder.get_dense_pe().expand(num, -1, -1, -1)
     p, c, h, w = src.shape
     hs, src = decoder.transformer(src, pos, tokens)
-    iou_token_out = hs[:, 0, :]
     mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
-
-    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(p, c, h, w))
     hyper_in = torch.stack(
         [decoder.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in selected], dim=1
     )  # (P, K, C/8)
-    _, c8, lh, lw = upscaled.shape
-    masks = (hyper_in @ upscaled.reshape(p, c8, lh * lw)).reshape(p, len(selected), lh, lw)
-    iou = decoder.iou_prediction_head(iou_token_out)[:, selected.start : selected.stop]
+    iou = decoder.iou_prediction_head(hs[:, 0, :])[:, selected.start : selected.stop]
     out_tokens = mask_tokens_out[:, selected.start : selected.stop, :] if return_tokens else None
-    return DecoderOutput(low_res_logits=masks, iou_pred=iou, tokens=out_tokens)
+    image = src.transpose(1, 2).reshape(p, c, h, w)
+    return DecoderState(src=image, hyper_in=hyper_in, iou_pred=iou, tokens=out_tokens)
+
+
+def upscale_masks(decoder: torch.nn.Module, state: DecoderState) -> torch.Tensor:
+    """(P, K, L, L) mask logits of a :class:`DecoderState` (``predict_masks``' last step)."""
+    upscaled = decoder.output_upscaling(state.src)
+    p, c8, lh, lw = upscaled.shape
+    k = state.hyper_in.shape[1]
+    return (state.hyper_in @ upscaled.reshape(p, c8, lh * lw)).reshape(p, k, lh, lw)
 
 
 def point_prompt_embeddings(

@@ -7,16 +7,21 @@ decoder reads besides (computed once per image from the encoder's early feature 
 :func:`~maskteacher.models.decode_points` for SAM, with
 :func:`~maskteacher.models.decode_hq.decode_points_hq` for SAM-HQ -- so the everything-mode
 generator and precompute's verification need not know which kind of model they run.
+:func:`prompt_decoder` binds those choices and the speed options (bf16 autocast,
+``torch.compile``) into the one call the generator makes per chunk.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from maskteacher.models.attention import sdpa_attention
 from maskteacher.models.decode import DecoderOutput, decode_points, preprocess
 from maskteacher.models.decode_hq import decode_points_hq, hq_features
 from maskteacher.models.hq import is_hq_model
@@ -55,10 +60,12 @@ def encode_features(
     *,
     bf16: bool = False,
     with_hq: bool = True,
+    sdpa: bool = False,
 ) -> ImageFeatures:
     """(B, 3, S, S) uint8 padded model-input images -> :class:`ImageFeatures` (the HQ features
-    only for a SAM-HQ model and ``with_hq``)."""
-    with autocast(model_device(model), bf16):
+    only for a SAM-HQ model and ``with_hq``); ``sdpa``: the ViT encoder's attention through
+    SDPA (:mod:`maskteacher.models.attention`)."""
+    with autocast(model_device(model), bf16), sdpa_attention(model.image_encoder, sdpa):
         out = model.image_encoder(preprocess(model, images, input_hw))
         if not is_hq_model(model):
             return ImageFeatures(out.float())
@@ -108,3 +115,40 @@ def decode_prompts(
         hq_token_only=hq_token_only,
         return_tokens=return_tokens,
     )
+
+
+@functools.cache
+def _compiled_decode_prompts() -> Callable[..., DecoderOutput]:
+    return torch.compile(decode_prompts)
+
+
+def prompt_decoder(
+    model: nn.Module,
+    features: ImageFeatures,
+    *,
+    multimask_output: bool,
+    hq_token_only: bool = False,
+    return_tokens: bool = False,
+    bf16: bool = False,
+    compile: bool = False,
+) -> Callable[[torch.Tensor, torch.Tensor], DecoderOutput]:
+    """``decode(points (P, 2), image_index (P,)) -> DecoderOutput``: :func:`decode_prompts` on
+    ``features`` with these settings, under bfloat16 autocast with ``bf16``; ``compile``: the
+    ``torch.compile`` d :func:`decode_prompts` (one compiled function per process; it recompiles
+    for a new chunk size or model, which the first calls pay for)."""
+    fn = _compiled_decode_prompts() if compile else decode_prompts
+    device = features.embeddings.device
+
+    def decode(points: torch.Tensor, image_index: torch.Tensor) -> DecoderOutput:
+        with autocast(device, bf16):
+            return fn(
+                model,
+                features,
+                points,
+                image_index=image_index,
+                multimask_output=multimask_output,
+                hq_token_only=hq_token_only,
+                return_tokens=return_tokens,
+            )
+
+    return decode

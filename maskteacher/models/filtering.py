@@ -1,10 +1,10 @@
 """Everything-mode candidates -> kept masks, in the low-res frame (steps 2-4 of
 :func:`maskteacher.models.everything.generate_everything`).
 
-:func:`decode_and_filter` decodes one chunk of prompts (:func:`~maskteacher.models.features.decode_prompts`)
-and keeps the candidates passing the predicted-IoU and stability filters; :func:`select_masks` runs
-box NMS per image over all chunks' survivors, applies the per-image cap and returns one
-:class:`EverythingOutput` per image. Pixels outside the image (padding) count as -inf for
+:func:`filter_candidates` keeps the candidates of one decoded chunk of prompts
+(:func:`~maskteacher.models.features.prompt_decoder`) passing the predicted-IoU and stability
+filters; :func:`select_masks` runs box NMS per image over all chunks' survivors, applies the
+per-image cap and returns one :class:`EverythingOutput` per image. Pixels outside the image (padding) count as -inf for
 stability and boxes (:func:`~maskteacher.models.lowres.valid_lowres_mask`).
 """
 
@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import torch
 from segment_anything.utils.amg import batched_mask_to_box, calculate_stability_score
-from torch import nn
 from torchvision.ops import batched_nms
 
-from maskteacher.models.features import ImageFeatures, autocast, decode_prompts
+from maskteacher.models.decode import DecoderOutput
 from maskteacher.models.lowres import lowres_boxes_to_original, valid_lowres_mask
 
 
@@ -31,7 +30,8 @@ class EverythingOutput:
     boxes: (N, 4) float32 XYXY, original frame, pixel-edge coordinates (module docstring).
     embedding: (C, E, E) float32 image embedding (E = image_size / 16) or None.
     tokens: (N, C) float32 mask-decoder output token of each mask, or None.
-    All tensors live on the model's device.
+    decoded_prompts: how many prompts were decoded for this image (the grid's, or fewer with
+    the hierarchical strategy). All tensors live on the model's device.
     """
 
     logits: torch.Tensor
@@ -41,6 +41,7 @@ class EverythingOutput:
     boxes: torch.Tensor
     embedding: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
+    decoded_prompts: int | None = None
 
     def __len__(self) -> int:
         return int(self.logits.shape[0])
@@ -59,6 +60,7 @@ class EverythingOutput:
             boxes=self.boxes.to(device),
             embedding=move(self.embedding),
             tokens=move(self.tokens),
+            decoded_prompts=self.decoded_prompts,
         )
 
 
@@ -75,33 +77,21 @@ class Kept:
     tokens: torch.Tensor | None  # (K, C)
 
 
-def decode_and_filter(
-    model: nn.Module,
-    features: ImageFeatures,
+def filter_candidates(
+    out: DecoderOutput,
     points: torch.Tensor,
     image: torch.Tensor,
     input_hw: torch.Tensor,
     *,
-    multimask_output: bool,
-    hq_token_only: bool,
-    bf16: bool,
-    return_tokens: bool,
     pred_iou_thresh: float,
     stability_score_thresh: float,
     stability_score_offset: float,
     mask_threshold: float,
 ) -> Kept:
-    """Decode one chunk of prompts and keep the candidates passing the IoU / stability filters."""
-    with autocast(features.embeddings.device, bf16):
-        out = decode_prompts(
-            model,
-            features,
-            points,
-            image_index=image,
-            multimask_output=multimask_output,
-            hq_token_only=hq_token_only,
-            return_tokens=return_tokens,
-        )
+    """Keep the candidates of one decoded chunk passing the IoU / stability filters.
+
+    out: the decoder's output for the chunk's P prompts (K masks each); points: (P, 2); image:
+    (P,) long image index; input_hw: (B, 2) of the batch."""
     k = out.low_res_logits.shape[1]
     logits = out.low_res_logits.flatten(0, 1).float()  # (p*k, L, L), order (point, mask)
     iou = out.iou_pred.flatten().float()
@@ -159,8 +149,10 @@ def select_masks(
     max_masks_per_image: int | None,
     low_res: int,
     token_dim: int,
+    decoded_prompts: list[int] | None = None,
 ) -> list[EverythingOutput]:
-    """Box NMS per image over all chunks' survivors, cap, split into per-image outputs."""
+    """Box NMS per image over all chunks' survivors, cap, split into per-image outputs
+    (decoded_prompts: per image, recorded in the outputs)."""
     device = input_hw.device
     if not kept:  # no prompts at all
         kept = [empty_kept(low_res, token_dim if return_tokens else None, device)]
@@ -187,6 +179,7 @@ def select_masks(
                 boxes=boxes[sel],
                 embedding=None if image_embeddings is None else image_embeddings[b],
                 tokens=None if tokens is None else tokens[sel],
+                decoded_prompts=None if decoded_prompts is None else decoded_prompts[b],
             )
         )
     return outputs

@@ -40,6 +40,7 @@ class RunSettings:
     batch_size: int
     points_per_batch: int
     checkpoint_decoder: bool
+    point_decoding: bool
     compile: bool
     log_every: int
     val_freq: int

@@ -173,6 +173,7 @@ class TrainingRun:
             points_per_batch=s.points_per_batch,
             return_tokens=kd is not None and kd.needs_tokens,
             checkpoint_decoder=s.checkpoint_decoder,
+            point_decoding=s.point_decoding,
         )
         num_batches = batches_per_epoch(
             len(data.train_set), world_size=info.world_size, batch_size=s.batch_size

@@ -44,11 +44,16 @@ def param_groups(
 def build_optimizer(
     model: nn.Module, *, lr: float, weight_decay: float, encoder_lr_scale: float
 ) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
-        param_groups(model, lr=lr, encoder_lr_scale=encoder_lr_scale),
-        lr=lr,
-        weight_decay=weight_decay,
-    )
+    """AdamW over :func:`param_groups`: torch's fused implementation (one kernel for all
+    parameters; CPU and CUDA in current torch) where the parameters' device supports it, else
+    torch's default choice. On one CPU thread the fused step is 3.2x faster than the
+    single-tensor loop torch picks for CPU parameters (vit_t; ``bench/optimizer.py``); it rounds
+    differently in the last bit (relative ~1e-7)."""
+    groups = param_groups(model, lr=lr, encoder_lr_scale=encoder_lr_scale)
+    try:
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
+    except RuntimeError:  # "`fused=True` requires all the params to be ... of supported devices"
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
 def build_scheduler(

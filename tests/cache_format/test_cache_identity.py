@@ -32,6 +32,9 @@ FULL_PARAMS = {
     "mask_threshold": 0.0,
     "generator": "maskteacher.everything/1",
     "hq_token_only": False,
+    "strategy": "hierarchical",
+    "hierarchical_stride": 4,
+    "hierarchical_logit_thresh": 8.5,
 }
 
 

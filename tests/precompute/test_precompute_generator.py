@@ -97,7 +97,7 @@ def synthetic_model(monkeypatch):
     low = SYNTH_SIZE // 4
 
     def fake_decode_points(
-        m, image_embeddings, points, *, image_index, multimask_output, return_tokens=False
+        m, image_embeddings, points, *, image_index, multimask_output, return_tokens=False, **_
     ):
         logits, iou = synthetic_decoder(points.cpu(), low)
         return DecoderOutput(low_res_logits=logits, iou_pred=iou)
@@ -180,7 +180,7 @@ def test_padding_does_not_count_for_stability_or_boxes(monkeypatch):
     x, hw = to_model_input(image, IMAGE_SIZE)  # (77, 128): valid low-res rows 0..19
     assert hw == (77, 128)
 
-    def fake(m, emb, points, *, image_index, multimask_output, return_tokens=False):
+    def fake(m, emb, points, *, image_index, multimask_output, return_tokens=False, **_):
         logits = torch.full((points.shape[0], 3, low, low), -20.0)
         logits[:, 0, 20:, :] = 20.0  # padding only
         logits[:, 1, 10:, 4:8] = 20.0  # rows 10..31: crosses into the padding

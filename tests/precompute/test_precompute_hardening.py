@@ -42,30 +42,35 @@ def _leftovers(cache: Path) -> list[str]:
 
 
 def test_generation_keys_are_what_the_header_records():
-    assert set(GenerationParams().header_params(hq=True)) == set(GENERATION_KEYS)
+    every = GenerationParams(strategy="hierarchical").header_params(hq=True)
+    assert set(every) == set(GENERATION_KEYS)
     sam = set(GENERATION_KEYS) - set(OPTIONAL_GENERATION_KEYS)
     assert set(GenerationParams().header_params()) == sam
 
 
 def test_resume_check_refuses_each_listed_generation_field(tmp_path, sample_root, teacher_ckpt):
     """bf16 included (it changes the logits); points_per_batch (not listed) is accepted, and so
-    is hq_token_only for a SAM teacher (it changes only SAM-HQ teachers' output)."""
+    are hq_token_only for a SAM teacher (it changes only SAM-HQ teachers' output) and the
+    hierarchical strategy's parameters for the grid strategy (they apply to hierarchical only)."""
     config = write_config(tmp_path, train=sample_root, checkpoint=teacher_ckpt)
     job = PrecomputeJob.from_config(load_config(config))
     datasets = open_splits(job)
     join_cache(job, make_header(job, datasets, identity="ab" * 32))
     for f in dataclasses.fields(GenerationParams):
         value = getattr(job.generation, f.name)
-        other = (
-            (not value)
-            if isinstance(value, bool)
-            else (4 if value is None else value + (1 if isinstance(value, int) else 0.01))
-        )
+        if isinstance(value, str):
+            other = "hierarchical" if value == "grid" else "grid"
+        elif isinstance(value, bool):
+            other = not value
+        else:
+            other = 4 if value is None else value + (1 if isinstance(value, int) else 0.01)
         changed = dataclasses.replace(
             job, generation=dataclasses.replace(job.generation, **{f.name: other})
         )
         header = make_header(changed, datasets, identity="ab" * 32)
-        if f.name in ("points_per_batch", "hq_token_only"):
+        unrecorded = ("points_per_batch", "hq_token_only", "hierarchical_stride",
+                      "hierarchical_logit_thresh", "sdpa", "compile")  # fmt: skip
+        if f.name in unrecorded:
             join_cache(changed, header)
             continue
         with pytest.raises(

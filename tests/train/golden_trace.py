@@ -235,8 +235,9 @@ def _run(name: str, data: dict[str, Any], folder: Path) -> dict[str, Any]:
     }
 
 
-def trace(only: list[str] | None = None) -> dict[str, Any]:
-    """Make the data, precompute the cache, run every (or ``only`` the named) run."""
+def trace(only: list[str] | None = None, update: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Make the data, precompute the cache, run every (or ``only`` the named) run, each with
+    ``update`` (a config update, e.g. another setting to compare with) merged in last."""
     from maskteacher.cli import main
     from maskteacher.data import make_sample
 
@@ -257,9 +258,10 @@ def trace(only: list[str] | None = None) -> dict[str, Any]:
             if code != 0:
                 raise RuntimeError(f"precompute failed with exit code {code}")
             out: dict[str, Any] = {"cache_sha256": cache_hash(root / "cache"), "runs": {}}
-            for name, update in RUNS.items():
+            for name, changes in RUNS.items():
                 if only is None or name in only:
-                    out["runs"][name] = _run(name, _merge(base, update), root)
+                    config = _merge(_merge(base, changes), update or {})
+                    out["runs"][name] = _run(name, config, root)
             return out
     finally:
         torch.set_num_threads(before)

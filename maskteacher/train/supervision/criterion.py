@@ -14,10 +14,14 @@ logged but not added.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from maskteacher.train.supervision import losses
+
+if TYPE_CHECKING:
+    from maskteacher.train.student import PointHead
 
 
 @dataclass
@@ -26,17 +30,49 @@ class PairBatch:
 
     logits: (N, L, L) predicted logits; iou_pred: (N,) predicted IoU; targets: (N, L, L) bool (or
     float in [0, 1] for soft targets); unmatched_iou_pred: (U,) predicted IoU of the predictions
-    matched to nothing.
+    matched to nothing. Under point-sampled decoding ``logits`` carry no gradient and ``head``
+    gives the differentiable logits of prediction ``rows`` (N,) at chosen pixels.
     """
 
     logits: torch.Tensor
     iou_pred: torch.Tensor
     targets: torch.Tensor
     unmatched_iou_pred: torch.Tensor
+    rows: torch.Tensor | None = None
+    head: PointHead | None = None
 
     @property
     def num_pairs(self) -> int:
         return int(self.logits.shape[0])
+
+    def logits_at(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, S) long flat low-res pixel indices -> (N, S) predicted logits there."""
+        return sampled_logits(self.logits, pixels, rows=self.rows, head=self.head)
+
+
+def sampled_logits(
+    logits: torch.Tensor,
+    pixels: torch.Tensor,
+    *,
+    rows: torch.Tensor | None = None,
+    head: PointHead | None = None,
+) -> torch.Tensor:
+    """N predictions' logits at (N, S) flat low-res pixels: gathered from the (N, L, L)
+    ``logits``, or under point-sampled decoding decoded there by ``head`` for prediction
+    ``rows`` (N,) -- the same values, with gradients."""
+    if head is None:
+        return logits.flatten(1).gather(1, pixels)
+    return head.logits_at(rows, pixels)
+
+
+def require_dense(head: PointHead | None, what: str) -> None:
+    """Point-sampled decoding gives gradients only at sampled pixels: a loss over all pixels
+    would silently train nothing through the masks."""
+    if head is not None:
+        raise RuntimeError(
+            f"{what} needs every pixel's logits with gradients, but the student decoded at "
+            "sampled pixels only (point decoding is for losses on train.loss_points pixels)"
+        )
 
 
 class MaskCriterion:
@@ -81,8 +117,10 @@ class MaskCriterion:
                 generator=generator,
                 device=logits.device,
             )
-            logits = logits.gather(1, idx)
+            logits = pairs.logits_at(idx)
             targets = targets.gather(1, idx)
+        else:
+            require_dense(pairs.head, "the mask losses on all pixels")
         norm = pair_normalizer(pair_count)
         unmatched_norm = pair_normalizer(unmatched_count)
         return {

@@ -84,6 +84,8 @@ class SingleSupervision:
             iou_pred=preds.iou_pred[rows, best],
             targets=targets,
             unmatched_iou_pred=preds.iou_pred.new_zeros(0),
+            rows=rows * k + best,
+            head=preds.point_head,
         )
         terms = self.criterion(
             pairs, pair_count=ctx.reduce_count(n), unmatched_count=1.0, generator=ctx.generator

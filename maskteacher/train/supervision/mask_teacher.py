@@ -31,7 +31,8 @@ Logged, not weighted: ``replaced`` -- teacher masks replaced by GT per image.
 ``mask_teacher.iou_threshold``). For each kept pair a pixel-wise soft loss between the student's
 and the teacher's logits (``soft_loss.type``: ``l2``, ``kl`` or ``kl_teacher``,
 :data:`~maskteacher.train.supervision.losses.SOFT_LOSSES`) over all low-res pixels (or ``train.loss_points``
-sampled ones, like the task losses), averaged over the kept pairs of the mini-batch (count
+sampled ones, like the task losses, decoded at those pixels only under point-sampled decoding),
+averaged over the kept pairs of the mini-batch (count
 all-reduced under DDP): ``soft = sum_pairs loss / pairs`` -- exactly 0 without pairs
 (:func:`~maskteacher.train.supervision.criterion.pair_normalizer`).
 It is the term ``soft`` with weight ``soft_loss.weight``: ``train/task_loss`` includes the
@@ -44,10 +45,15 @@ from __future__ import annotations
 import torch
 
 from maskteacher.train.data.batch import Batch
-from maskteacher.train.student import Predictions
+from maskteacher.train.student import PointHead, Predictions
 from maskteacher.train.supervision import losses
 from maskteacher.train.supervision.base import StepContext, SupervisionOutput
-from maskteacher.train.supervision.criterion import MaskCriterion, pair_normalizer
+from maskteacher.train.supervision.criterion import (
+    MaskCriterion,
+    pair_normalizer,
+    require_dense,
+    sampled_logits,
+)
 from maskteacher.train.supervision.gt import GTSupervision
 from maskteacher.train.supervision.matcher import Match, MatchSettings, match_batch
 from maskteacher.train.supervision.pairs import (
@@ -55,6 +61,7 @@ from maskteacher.train.supervision.pairs import (
     gather_pairs,
     image_predictions,
     match_and_pair,
+    matched_rows,
     pair_stats,
     task_terms,
 )
@@ -150,14 +157,15 @@ class ReplaceGTSupervision:
 
 def soft_pairs(
     images: list[ImagePredictions], teacher: list[torch.Tensor], matches: list[Match]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate matched (student, teacher) logits: two (N, L, L) tensors."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Concatenate matched (student, teacher) logits: two (N, L, L) tensors, and the student
+    predictions' flat batch rows (N,) under point-sampled decoding (else None)."""
     s, t = [], []
     for img, logits, m in zip(images, teacher, matches):
         device = img.logits.device
         s.append(img.logits.index_select(0, m.pred.to(device)))
         t.append(logits.to(device).index_select(0, m.target.to(device)))
-    return torch.cat(s), torch.cat(t)
+    return torch.cat(s), torch.cat(t), matched_rows(images, matches)
 
 
 def soft_loss_sum(
@@ -167,10 +175,14 @@ def soft_loss_sum(
     kind: str,
     loss_points: int | None = None,
     generator: torch.Generator | None = None,
+    rows: torch.Tensor | None = None,
+    head: PointHead | None = None,
 ) -> torch.Tensor:
     """Sum over N pairs of the per-pair soft loss ``kind`` of (N, L, L) logits -> ().
 
-    loss_points: evaluate on this many uniformly drawn pixels per pair (as the task losses).
+    loss_points: evaluate on this many uniformly drawn pixels per pair (as the task losses);
+    rows / head: under point-sampled decoding the student logits there are decoded by
+    ``head`` for prediction ``rows`` (``student`` carries no gradient then).
     """
     s = student.flatten(1)
     t = teacher.flatten(1)
@@ -178,7 +190,9 @@ def soft_loss_sum(
         idx = losses.sample_pixels(
             s.shape[1], loss_points, rows=s.shape[0], generator=generator, device=s.device
         )
-        s, t = s.gather(1, idx), t.gather(1, idx)
+        s, t = sampled_logits(student, idx, rows=rows, head=head), t.gather(1, idx)
+    else:
+        require_dense(head, "the soft loss on all pixels")
     return losses.SOFT_LOSSES[kind](s, t).sum()
 
 
@@ -213,13 +227,15 @@ class DualSupervision:
         logits = teacher_logits(batch)
         masks = [teacher_masks(t, batch.input_hw[i]) for i, t in enumerate(logits)]
         out.teacher_matches = match_to_teacher(images, masks, iou_threshold=self.iou_threshold)
-        student, teacher = soft_pairs(images, logits, out.teacher_matches)
+        student, teacher, rows = soft_pairs(images, logits, out.teacher_matches)
         total = soft_loss_sum(
             student,
             teacher,
             kind=self.soft_type,
             loss_points=self.gt.criterion.loss_points,
             generator=ctx.generator,
+            rows=rows,
+            head=preds.point_head,
         )
         count = student.shape[0]
         out.terms["soft"] = total / pair_normalizer(ctx.reduce_count(count))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from maskteacher.train.data.batch import Batch
-from maskteacher.train.student import Predictions
+from maskteacher.train.student import PointHead, Predictions
 from maskteacher.train.supervision.base import StepContext
 from maskteacher.train.supervision.criterion import MaskCriterion, PairBatch
 from maskteacher.train.supervision.matcher import (
@@ -25,7 +25,10 @@ class ImagePredictions:
     """One image's predictions with the K masks per prompt flattened (Q = P_i * K).
 
     logits: (Q, L, L); iou_pred: (Q,); prompt: (Q,) index of the prompt within the batch;
-    points: (Q, 2) the prompt's first point (input frame); tokens: (Q, C) or None.
+    points: (Q, 2) the prompt's first point (input frame); tokens: (Q, C) or None; rows: (Q,)
+    flat index of each prediction in the batch (prompt * K + mask); head: the batch's
+    :class:`~maskteacher.train.student.PointHead` under point-sampled decoding (``logits``
+    then carry no gradient), else None.
     """
 
     logits: torch.Tensor
@@ -33,6 +36,8 @@ class ImagePredictions:
     prompt: torch.Tensor
     points: torch.Tensor
     tokens: torch.Tensor | None
+    rows: torch.Tensor | None = None
+    head: PointHead | None = None
 
 
 def image_predictions(preds: Predictions, batch: Batch) -> list[ImagePredictions]:
@@ -52,6 +57,8 @@ def image_predictions(preds: Predictions, batch: Batch) -> list[ImagePredictions
                 prompt=prompt,
                 points=batch.points[prompt, 0, :],
                 tokens=tokens,
+                rows=torch.arange(lo * k, hi * k),
+                head=preds.point_head,
             )
         )
     return out
@@ -74,7 +81,17 @@ def gather_pairs(
         iou_pred=torch.cat(iou_pred),
         targets=torch.cat(tgts),
         unmatched_iou_pred=torch.cat(free),
+        rows=matched_rows(images, matches),
+        head=images[0].head if images else None,
     )
+
+
+def matched_rows(images: list[ImagePredictions], matches: list[Match]) -> torch.Tensor | None:
+    """(N,) flat batch indices of the matched predictions, in pair order (None without a
+    point head: the dense logits are gathered instead)."""
+    if not images or images[0].head is None:
+        return None
+    return torch.cat([img.rows.index_select(0, m.pred) for img, m in zip(images, matches)])
 
 
 def match_and_pair(
