@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from maskteacher.models import DecoderOutput, decode_points, preprocess
+from maskteacher.models.prompt_features import decode_prompt_batch
 from maskteacher.train.data.batch import Batch
 
 
@@ -73,13 +74,17 @@ class Predictions:
     """Student outputs for a batch (P prompts, K masks per prompt, L = S / 4).
 
     logits: (P, K, L, L); iou_pred: (P, K); tokens: (P, K, C) or None; embeddings: (B, C, E, E)
-    image-encoder output (feature distillation reads it).
+    image-encoder output (feature distillation reads it); mask_tokens: (P, 4, C) every mask
+    token's output and image_tokens: (P, C, E, E) the decoder transformer's prompt-conditioned
+    image embedding, or None (asked for by the prompt-dependent distillation blocks).
     """
 
     logits: torch.Tensor
     iou_pred: torch.Tensor
     tokens: torch.Tensor | None
     embeddings: torch.Tensor
+    mask_tokens: torch.Tensor | None = None
+    image_tokens: torch.Tensor | None = None
 
     @property
     def masks_per_prompt(self) -> int:
@@ -102,6 +107,8 @@ class StudentForward(nn.Module):
     ``forward(images, input_hw, points, labels, boxes, has_box, prompt_image)`` with the
     :class:`~maskteacher.train.batch.Batch` fields (on the model's device) returns
     ``(embeddings, logits, iou_pred, tokens)``; ``tokens`` is None unless ``return_tokens``.
+    With ``return_features`` it decodes with :func:`~maskteacher.models.prompt_features.
+    decode_prompt_batch` (the same values) and also returns ``(mask_tokens, image_tokens)``.
     """
 
     def __init__(
@@ -112,6 +119,7 @@ class StudentForward(nn.Module):
         points_per_batch: int = 256,
         return_tokens: bool = False,
         checkpoint_decoder: bool = False,
+        return_features: bool = False,
     ) -> None:
         super().__init__()
         self.sam = sam
@@ -119,6 +127,7 @@ class StudentForward(nn.Module):
         self.points_per_batch = points_per_batch
         self.return_tokens = return_tokens
         self.checkpoint_decoder = checkpoint_decoder
+        self.return_features = return_features
 
     def forward(
         self,
@@ -131,6 +140,13 @@ class StudentForward(nn.Module):
         prompt_image: torch.Tensor,
     ):
         embeddings = self.sam.image_encoder(preprocess(self.sam, images, input_hw))
+        if self.return_features:
+            f = decode_prompt_batch(
+                self.sam, embeddings, points=points, labels=labels, boxes=boxes, has_box=has_box,
+                prompt_image=prompt_image, multimask_output=self.multimask_output,
+                chunk=self.points_per_batch,
+            )  # fmt: skip
+            return embeddings, f.low_res_logits, f.iou_pred, f.tokens, f.mask_tokens, f.image_tokens
         simple = points.shape[1] == 1 and boxes is None
         if simple:
             out = self._chunks(self._decode_points, embeddings, points[:, 0, :], prompt_image)
@@ -202,7 +218,7 @@ class StudentForward(nn.Module):
 
 def run_forward(module: nn.Module, batch: Batch) -> Predictions:
     """Run a (possibly DDP-wrapped or compiled) :class:`StudentForward` on a device batch."""
-    emb, logits, iou, tokens = module(
+    out = module(
         batch.images,
         batch.input_hw,
         batch.points,
@@ -211,4 +227,5 @@ def run_forward(module: nn.Module, batch: Batch) -> Predictions:
         batch.has_box,
         batch.prompt_image,
     )
-    return Predictions(logits=logits, iou_pred=iou, tokens=tokens, embeddings=emb)
+    emb, logits, iou, tokens, *features = out
+    return Predictions(logits, iou, tokens, emb, *features)

@@ -122,7 +122,9 @@ EXPECTED = {
             "strategy.soft_type": "kl",
             "strategy.soft_weight": 0.3,
             "strategy.iou_threshold": 0.3,
-            "kd_teachers": [KDTeacherSpec("mask_teacher", 1.0)],
+            "kd_teachers": [
+                KDTeacherSpec("mask_teacher", 1.0, checkpoint="./weights/sam_vit_h_4b8939.pth")
+            ],
             "data.cache_path": "./caches/sam_h_coco",
             "settings.loop.bf16": True,
         },
