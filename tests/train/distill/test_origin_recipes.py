@@ -11,11 +11,13 @@ import pytest
 import torch
 from origin_helpers import (
     SHORT,
-    TASK,
     TEACHERS,
+    kd_sum,
     load,
     origin_setup,
     precompute_teachers,
+    scalars_by_step,
+    task_sum,
     write_recipe,
 )
 from segment_anything.modeling import ImageEncoderViT
@@ -34,27 +36,6 @@ def setup(tmp_path_factory):
     out = origin_setup(tmp_path_factory.mktemp("origin"))
     precompute_teachers(out)
     return out
-
-
-def scalars_by_step(run) -> dict[str, dict[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {t: {e.step: e.value for e in acc.Scalars(t)} for t in acc.Tags()["scalars"]}
-
-
-def kd_sum(tags, step: int, scale: float = 1.0) -> float:
-    """lambda_coef (1.0 x scale) * sum over teachers of weight * sum of the block terms."""
-    return scale * sum(
-        weight * tags[f"train/kd/{name}/{block}"][step]
-        for name, (_, _, weight) in TEACHERS.items()
-        for block in SHORT
-    )
-
-
-def task_sum(tags, step: int) -> float:
-    return sum(w * tags[f"train/{k}"][step] for k, w in TASK.items())
 
 
 @pytest.fixture
