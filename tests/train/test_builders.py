@@ -19,8 +19,16 @@ from maskteacher.errors import UserError
 from maskteacher.models.everything import GenerationParams
 from maskteacher.train import builders
 from maskteacher.train.data.online_teacher import MASK_FIELDS
+from maskteacher.train.data.teacher_cache import TeacherIdentity
 from maskteacher.train.distill.blocks import EncoderMatching
+from maskteacher.train.distill.prompt_blocks import (
+    DecoderMaskToken,
+    DenseMaskLogits,
+    EncoderPatch,
+    PromptEmbed,
+)
 from maskteacher.train.plan import KDTeacherSpec
+from maskteacher.train.schedule import LambdaPlateau, Stage
 from maskteacher.train.supervision.gt import GTSupervision, SingleSupervision
 from maskteacher.train.supervision.mask_teacher import DualSupervision, ReplaceGTSupervision
 
@@ -105,6 +113,28 @@ def empty_cwd(tmp_path, monkeypatch) -> Path:
 
 # ---------------------------------------------------------------------- the shipped configs
 
+LOSS_KEYS = ("bce", "focal", "dice", "iou", "cls")
+ORIGIN_BLOCKS = [
+    EncoderPatch(w_l2=1.0, w_cos=1.0, weight=1.0),
+    PromptEmbed(w_mse=0.7, w_cos=0.3, weight=1.0),
+    DecoderMaskToken(w_kl=1.0, temperature=0.5, weight=1.0),
+    DenseMaskLogits(w_kl=0.6, w_focal=0.4, gamma=2.0, weight=1.0),
+]
+
+
+def ORIGIN_ID(name: str, kind: str, index: int = 0) -> TeacherIdentity:  # noqa: N802
+    """What the origin example's teacher cache must have been made with."""
+    checkpoint = {
+        "sam_h": "./weights/sam_vit_h_4b8939.pth",
+        "mobile_sam": "./weights/mobile_sam.pt",
+    }
+    return TeacherIdentity(
+        where=f"teachers[{index}].cache_path", teacher_type=kind, type_key=f"teachers[{index}].type",
+        checkpoint=checkpoint[name], checkpoint_key=f"teachers[{index}].checkpoint",
+        image_size=1024, generation=GenerationParams(),
+    )  # fmt: skip
+
+
 # file -> (strategy class, teacher fields, online teacher, kd blocks, further plan values)
 EXPECTED = {
     "mobilesam_single.json": (
@@ -113,6 +143,50 @@ EXPECTED = {
         False,
         [],
         {"settings.image_size": 1024, "visual.every": 1, "visual.iou_threshold": 0.5},
+    ),
+    "origin_distill_then_finetune.json": (
+        SingleSupervision,
+        set(),  # each teacher is read from its own cache
+        False,
+        ORIGIN_BLOCKS,
+        {
+            "kd_teachers": [
+                KDTeacherSpec(
+                    "sam_h",
+                    0.7,
+                    "./caches/sam_h",
+                    ORIGIN_ID("sam_h", "vit_h"),
+                    "./weights/sam_vit_h_4b8939.pth",
+                    "teachers[0].checkpoint",
+                ),
+                KDTeacherSpec(
+                    "mobile_sam",
+                    0.3,
+                    "./caches/mobile_sam",
+                    ORIGIN_ID("mobile_sam", "vit_t", 1),
+                    "./weights/mobile_sam.pt",
+                    "teachers[1].checkpoint",
+                ),
+            ],
+            "epochs.distillation": False,
+            "epochs.stages": (
+                Stage("distill_only", 0, 100, dict.fromkeys(LOSS_KEYS, 0.0), True, None),
+                Stage("finetune", 100, 200, {}, False, None),
+            ),
+            "lambda_plateau": None,
+            "prompts.settings.mode": "mixed",
+        },
+    ),  # fmt: skip
+    "origin_mobilesam_distill.json": (
+        SingleSupervision,
+        set(),
+        False,
+        ORIGIN_BLOCKS,
+        {
+            "epochs.distillation": True,
+            "lambda_plateau": LambdaPlateau(patience=5, factor=0.5),
+            "data.val.path": "./datasets/val",
+        },
     ),
     "sam_h_to_mobilesam_dual_kl.json": (
         DualSupervision,
