@@ -712,6 +712,8 @@ def main(argv: list[str] | None = None) -> int:
         f"prompts/image={args.prompts} gt masks/image={args.masks} loss_points={args.loss_points} "
         f"threads={torch.get_num_threads()} steps={args.steps} (median)"
     )
+    if any(VARIANTS[r.variant].single for r in results):
+        print(f"single_*: student {args.kd_student}, teacher {args.kd_teacher}")
     print(f"{'variant':<16}{'ms/image':>10}{'min':>9}{memory:>10}{'loss':>9}  what")
     for r in results:
         print(

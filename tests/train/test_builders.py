@@ -122,7 +122,7 @@ ORIGIN_BLOCKS = [
 ]
 
 
-def ORIGIN_ID(name: str, kind: str, index: int = 0) -> TeacherIdentity:  # noqa: N802
+def origin_identity(name: str, kind: str, index: int = 0) -> TeacherIdentity:
     """What the origin example's teacher cache must have been made with."""
     checkpoint = {
         "sam_h": "./weights/sam_vit_h_4b8939.pth",
@@ -155,7 +155,7 @@ EXPECTED = {
                     "sam_h",
                     0.7,
                     "./caches/sam_h",
-                    ORIGIN_ID("sam_h", "vit_h"),
+                    origin_identity("sam_h", "vit_h"),
                     "./weights/sam_vit_h_4b8939.pth",
                     "teachers[0].checkpoint",
                 ),
@@ -163,7 +163,7 @@ EXPECTED = {
                     "mobile_sam",
                     0.3,
                     "./caches/mobile_sam",
-                    ORIGIN_ID("mobile_sam", "vit_t", 1),
+                    origin_identity("mobile_sam", "vit_t", 1),
                     "./weights/mobile_sam.pt",
                     "teachers[1].checkpoint",
                 ),
