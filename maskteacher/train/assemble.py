@@ -233,7 +233,7 @@ def feature_distillation(
     if not plan.kd_blocks:
         return None
     fields = frozenset().union(*(b.fields for b in plan.kd_blocks))
-    at = device if any(b.needs_decoder for b in plan.kd_blocks) else None
+    at = device if any(getattr(b, "needs_decoder", False) for b in plan.kd_blocks) else None
     teachers = [
         _batch_teacher(plan, t, at, online)
         if t.cache_path is None

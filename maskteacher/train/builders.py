@@ -301,7 +301,7 @@ def _kd_blocks(cfg: Config) -> list:
         "train.checkpoint_decoder: true cannot be combined with distillation.prompt_embed / "
         "decoder_mask_token: they read the decoder's activations, which checkpointing discards; "
         "set train.checkpoint_decoder: false": cfg.train.checkpoint_decoder
-        and any(b.needs_features for b in blocks),
+        and any(getattr(b, "needs_features", False) for b in blocks),
         f"distillation.dense_mask_logits cannot use the SAM-HQ teacher {', '.join(hq)}: its "
         "masks also need the HQ features of its image encoder, which a cache does not hold; "
         "disable the block or distil from a SAM teacher": bool(hq),

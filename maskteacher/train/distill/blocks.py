@@ -3,9 +3,9 @@
 Each block is a frozen dataclass whose fields are its config sub-keys (``weight`` included) and
 whose call turns one teacher's view of the batch (:class:`~.view.TeacherView`) into one loss
 value. Class attributes say what it reads: ``fields`` (the teacher's cached fields),
-``needs_tokens`` (the student's selected decoder tokens), ``needs_features`` (the student's
-mask tokens and prompt-conditioned embedding), ``needs_decoder`` (the teacher's decoding of the
-batch's prompts). The blocks here:
+``needs_tokens`` (the student's selected decoder tokens), and optionally (False when absent)
+``needs_features`` (the student's mask tokens and prompt-conditioned embedding) and
+``needs_decoder`` (the teacher's decoding of the batch's prompts). The blocks here:
 
 - ``encoder_matching``: ``lambda_mse * MSE + lambda_kl * spatial KL(T)`` of the student's image
   embedding (B, C, E, E) against the teacher's, mean over images;

@@ -61,9 +61,9 @@ class FeatureDistillation:
         self.blocks = blocks
         self.teacher_fields = batch_fields
         self.needs_tokens = any(b.needs_tokens for b in blocks)
-        self.needs_features = any(b.needs_features for b in blocks)
+        self.needs_features = any(getattr(b, "needs_features", False) for b in blocks)
         missing = [t.name for t in teachers if t.decoder is None]
-        if any(b.needs_decoder for b in blocks) and missing:
+        if any(getattr(b, "needs_decoder", False) for b in blocks) and missing:
             raise ValueError(f"teachers {missing} have no decoder for the prompt blocks")
 
     def __call__(

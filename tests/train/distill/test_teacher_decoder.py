@@ -168,3 +168,45 @@ def test_the_decoder_is_the_teacher_type_of_the_cache(setup):
     assert not any(p.requires_grad for p in decoder.parameters()) and not decoder.training
     arrays = reader.decoder_weights()
     assert all(isinstance(v, np.ndarray) and v.dtype.kind == "f" for v in arrays.values())
+
+
+def test_mask_teacher_cache_gives_the_batch_teacher_its_decoder(setup, tmp_path):
+    """Everything mode, dual_supervision from the mask teacher's cache (masks + embeddings):
+    no ``teachers`` entries, so the blocks distil from the batch's own teacher, whose decoder
+    comes from that cache."""
+    cfg, _ = tiny_config(
+        tmp_path, setup["data"],
+        model={"checkpoint_path": str(setup["student"])},
+        mask_teacher={"enable": True, "method": "dual_supervision", "teacher_type": "vit_b_tiny",
+                      "checkpoint_path": str(setup["teacher"]), "cache_path": str(tmp_path / "mt")},
+        distillation={"enable": True, "prompt_embed": {"enable": True},
+                      "dense_mask_logits": {"enable": True}},
+        precompute={"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.3,
+                    "store": {"embedding": True}, "num_workers": 0, "device": "cpu"},
+        train={"prompt_source": "teacher_grid", "batch_size": 3},
+    )  # fmt: skip
+    assert run_precompute(PrecomputeJob.from_config(cfg, progress=False)).exit_code == 0
+    cfg.mask_teacher.checkpoint_path = None  # the cache alone must do
+    result = train(cfg)
+    assert all(math.isfinite(v) for v in result.losses)
+    tags = tensorboard_scalars(tmp_path / "run")
+    assert tags["train/kd/mask_teacher/prompt_embed"][0] > 0
+    assert tags["train/kd/mask_teacher/dense_mask_logits"][0] > 0 and "train/soft" in tags
+
+
+def test_sam_hq_teacher_tokens_distil_and_dense_is_refused(setup, tmp_path):
+    hq = save_teacher(tmp_path / "sam_hq.pth", 3, model_type="vit_b_tiny_hq")
+    cfg = config(setup, "single", name="hq.yaml")
+    cfg.teachers = [TeacherEntry(name="hq", type="vit_b_tiny", checkpoint=str(hq),
+                                 cache_path=str(tmp_path / "hq_cache"))]  # fmt: skip
+    assert (
+        run_precompute(PrecomputeJob.from_config(cfg, teacher="hq", progress=False)).exit_code == 0
+    )
+    assert open_cache(str(tmp_path / "hq_cache")).header.teacher_type == "vit_b_tiny_hq"
+    with pytest.raises(UserError, match="dense_mask_logits: teacher 'hq' is SAM-HQ"):
+        train(cfg)
+    cfg.distillation.dense_mask_logits.enable = False
+    cfg.train.epochs = 1
+    train(cfg)
+    tags = tensorboard_scalars(setup["root"] / "hq")
+    assert tags["train/kd/hq/prompt_embed"][0] > 0 and tags["train/kd/hq/decoder_mask_token"][0] > 0
