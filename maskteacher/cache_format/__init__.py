@@ -21,7 +21,7 @@ from maskteacher.cache_format.identity import (
     header_mismatch,
 )
 from maskteacher.cache_format.manifest import Manifest
-from maskteacher.cache_format.raw import RawRecord, decode_many, decode_raw
+from maskteacher.cache_format.raw import RawRecord, decode_many, decode_raw, split_raw
 from maskteacher.cache_format.reader import CacheReader, open_cache
 from maskteacher.cache_format.schema import (
     DEFAULT_BACKEND,
@@ -61,6 +61,7 @@ __all__ = [
     "completed_ids",
     "dataset_fingerprint",
     "decode_many",
+    "split_raw",
     "decode_raw",
     "dequantize_torch",
     "expectation_mismatch",

@@ -9,6 +9,7 @@ checksum and decompress into a :class:`~maskteacher.cache_format.schema.CacheRec
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +77,19 @@ def arrays_for(fields: frozenset[str]) -> set[str]:
     if unknown:
         raise ValueError(f"unknown record fields {unknown}; known: {', '.join(ARRAY_FIELDS)}")
     return {FIELD_ARRAY[f] for f in fields}
+
+
+def split_raw(raw: RawRecord, arrays: set[str]) -> tuple[RawRecord, RawRecord]:
+    """``raw`` as two records: the fields outside ``arrays`` (array names) and those inside, each
+    decoding to just its own fields -- e.g. a DataLoader worker decodes the small parts and
+    passes the big logit chunks on compressed."""
+    inside = {f for f in raw.wanted if FIELD_ARRAY[f] in arrays}
+    keep = {n: f for n, f in raw.fields.items() if n not in arrays}
+    moved = {n: f for n, f in raw.fields.items() if n in arrays}
+    return (
+        dataclasses.replace(raw, fields=keep, wanted=frozenset(raw.wanted - inside)),
+        dataclasses.replace(raw, fields=moved, wanted=frozenset(inside)),
+    )
 
 
 def decode_raw(raw: RawRecord) -> CacheRecord:

@@ -101,16 +101,16 @@ class TrainSample:
     (:func:`maskteacher.train.data.dataset.item_rng`), so a batch hook that makes the prompts after
     loading (the online teacher with ``train.prompt_source: teacher``) draws exactly what the
     dataset would have drawn. pending: while the item is half loaded (the DataLoader worker's
-    half, :meth:`~maskteacher.train.data.dataset.TrainDataset.fetch`), what the main process
-    finishes it from (the cache's compressed bytes); gt_masks and prompts are None until then.
+    half, :meth:`~maskteacher.train.data.dataset.TrainDataset.fetch`), the teacher fields the
+    main process still adds (the cache's compressed logits), else None.
     """
 
     image_id: str
     image: torch.Tensor
     input_hw: tuple[int, int]
     orig_hw: tuple[int, int]
-    gt_masks: torch.Tensor | None
-    prompts: PromptSet | None
+    gt_masks: torch.Tensor
+    prompts: PromptSet
     flipped: bool = False
     teacher: TeacherTargets | None = None
     key: tuple[int, int] = (0, 0)

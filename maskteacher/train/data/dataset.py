@@ -6,10 +6,10 @@ cache source (:class:`maskteacher.train.data.cache.CacheTargets`) reads the grou
 when asked, teacher outputs) from the teacher cache, so no annotation is decoded at all.
 
 Loading an item has two halves. :meth:`TrainDataset.fetch` runs in a DataLoader worker: the
-image is decoded, resized and flipped, and the target source either returns finished
-:class:`Targets` (the reader's masks) or something the main process finishes -- the cache's
-compressed bytes, decoded a batch at a time by :meth:`TrainDataset.finish`, which then flips the
-targets and draws the prompts. ``dataset[key]`` does both halves at once.
+image is decoded, resized and flipped, the target source gives the ground truth and teacher
+fields, and the prompts are drawn; a target source may leave large teacher fields ``pending``
+(the cache passes its logits on compressed), which :meth:`TrainDataset.finish` decodes a batch
+at a time in the main process and flips with the image. ``dataset[key]`` does both halves.
 
 Every random choice for an item (flip, prompt subset, interior points, box jitter) comes from a
 generator seeded by ``(seed, epoch, index)``: an item is the same whichever worker loads it,
@@ -41,22 +41,24 @@ from maskteacher.train.data.prompts import PromptSpec
 
 @dataclass
 class Targets:
-    """Ground truth (M, L, L) bool and optional teacher outputs for one image."""
+    """Ground truth (M, L, L) bool and optional teacher outputs for one image; pending: teacher
+    fields the main process adds (the target source's ``finish`` decodes them), or None."""
 
     gt_masks: torch.Tensor
     teacher: TeacherTargets | None = None
+    pending: Any = None
 
 
 class TargetSource(Protocol):
     """Where an image's low-res ground truth (and teacher outputs) come from.
 
-    ``fetch`` runs in the worker and returns :class:`Targets`, or anything else for ``finish``
-    to turn into Targets in the main process, a batch at a time.
+    ``fetch`` runs in the worker; ``finish`` turns a batch's ``Targets.pending`` into the
+    teacher fields they hold (unflipped), in the main process.
     """
 
-    def fetch(self, index: int, sample: Sample, input_hw: tuple[int, int]) -> Targets | Any: ...
+    def fetch(self, index: int, sample: Sample, input_hw: tuple[int, int]) -> Targets: ...
 
-    def finish(self, pending: list[Any], samples: list[TrainSample]) -> list[Targets]: ...
+    def finish(self, pending: list[Any]) -> list[TeacherTargets]: ...
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,8 @@ class ReaderTargets:
     def fetch(self, index: int, sample: Sample, input_hw: tuple[int, int]) -> Targets:
         return Targets(masks_to_lowres(sample.masks, sample.orig_hw, self.image_size))
 
-    def finish(self, pending: list[Any], samples: list[TrainSample]) -> list[Targets]:
-        raise RuntimeError("reader targets are finished in the worker")  # never pending
+    def finish(self, pending: list[Any]) -> list[TeacherTargets]:
+        raise RuntimeError("reader targets leave nothing pending")
 
 
 def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -139,64 +141,57 @@ class TrainDataset(Dataset):
         return self.finish([self.fetch(key)])[0]
 
     def fetch(self, key: int | tuple[int, int]) -> TrainSample:
-        """The worker half of item ``key``: finished unless the target source defers work to
-        the main process (then ``pending`` holds it and ``finish`` completes the item)."""
+        """The worker half of item ``key``: finished but for the target source's ``pending``
+        teacher fields (``finish`` adds them)."""
         item, epoch = (key, 0) if isinstance(key, int) else (int(key[0]), int(key[1]))
         index = self.indices[item]
         sample = self.images[index]
         image, input_hw = to_model_input(sample.image, self.image_size)
         found = self.targets.fetch(index, sample, input_hw)
+        gt, teacher = found.gt_masks, found.teacher
+        gt = gt[gt.flatten(1).any(1)] if gt.shape[0] else gt
         rng = item_rng(self.seed, epoch, index)
         flipped = item_flip(rng, self.hflip)
         if flipped:
             image = hflip_input(image, input_hw)
-        loaded = TrainSample(
-            image_id=sample.image_id,
-            image=image,
-            input_hw=input_hw,
-            orig_hw=sample.orig_hw,
-            gt_masks=None,
-            prompts=None,
-            flipped=flipped,
-            key=(index, epoch),
-            pending=found,
-        )
-        if isinstance(found, Targets):
-            return self._complete(loaded, found, rng)
-        return loaded
-
-    def finish(self, samples: list[TrainSample]) -> list[TrainSample]:
-        """The main-process half: complete the pending items of a batch (one batched decode),
-        replaying each item's generator past its flip draw; finished items pass through."""
-        todo = [i for i, s in enumerate(samples) if s.pending is not None]
-        if not todo:
-            return samples
-        found = self.targets.finish([samples[i].pending for i in todo], [samples[i] for i in todo])
-        out = list(samples)
-        for i, targets in zip(todo, found):
-            index, epoch = samples[i].key
-            rng = item_rng(self.seed, epoch, index)
-            if item_flip(rng, self.hflip) != samples[i].flipped:
-                raise RuntimeError(f"item {samples[i].image_id!r}: replayed flip differs")
-            out[i] = self._complete(samples[i], targets, rng)
-        return out
-
-    def _complete(self, loaded: TrainSample, found: Targets, rng: np.random.Generator):
-        """Drop objects empty at low resolution, flip the targets with the image, draw the
-        prompts (``rng`` is the item's generator right after its flip draw)."""
-        gt, teacher = found.gt_masks, found.teacher
-        gt = gt[gt.flatten(1).any(1)] if gt.shape[0] else gt
-        if loaded.flipped:
-            gt = hflip_lowres(gt, loaded.input_hw)
-            teacher = None if teacher is None else flip_teacher(teacher, loaded.input_hw)
+            gt = hflip_lowres(gt, input_hw)
+            teacher = None if teacher is None else flip_teacher(teacher, input_hw)
         prompts = self.prompts.make(
             gt_masks=gt,
-            input_hw=loaded.input_hw,
-            orig_hw=loaded.orig_hw,
+            input_hw=input_hw,
+            orig_hw=sample.orig_hw,
             image_size=self.image_size,
             teacher=teacher,
             rng=rng,
         )
-        return dataclasses.replace(
-            loaded, gt_masks=gt, prompts=prompts, teacher=teacher, pending=None
+        return TrainSample(
+            image_id=sample.image_id,
+            image=image,
+            input_hw=input_hw,
+            orig_hw=sample.orig_hw,
+            gt_masks=gt,
+            prompts=prompts,
+            flipped=flipped,
+            teacher=teacher,
+            key=(index, epoch),
+            pending=found.pending,
         )
+
+    def finish(self, samples: list[TrainSample]) -> list[TrainSample]:
+        """The main-process half: decode the pending teacher fields of a batch (one batched
+        call), flip them with their image; finished items pass through."""
+        todo = [i for i, s in enumerate(samples) if s.pending is not None]
+        if not todo:
+            return samples
+        added = self.targets.finish([samples[i].pending for i in todo])
+        out = list(samples)
+        for i, extra in zip(todo, added):
+            s = samples[i]
+            if s.flipped:
+                extra = flip_teacher(extra, s.input_hw)
+            fields = {k: getattr(extra, k) for k in ("logits", "embedding", "tokens")}
+            teacher = dataclasses.replace(
+                s.teacher, **{k: v for k, v in fields.items() if v is not None}
+            )
+            out[i] = dataclasses.replace(s, teacher=teacher, pending=None)
+        return out
