@@ -279,8 +279,10 @@ def test_without_the_mask_teacher_nothing_is_needed(empty_cwd, monkeypatch):
 def test_no_cache_runs_the_teacher_online(empty_cwd, monkeypatch):
     cfg, plan = bind_offline(SAMPLE, monkeypatch, ["mask_teacher.cache_path=null"])
     online = plan.online
-    assert online.teacher_type == "vit_b_tiny"
-    assert online.checkpoint == "runs/teacher/student_official.pth"
+    assert (
+        online.teacher_type == "vit_t_tiny"
+    )  # the demo's shipped teacher (configs/sample_tiny.yaml)
+    assert online.checkpoint == "maskteacher/demo/teacher/teacher.pth"
     assert online.provides == MASK_FIELDS and online.prompts is None
     assert online.generation == GenerationParams.from_config(cfg.precompute).generator_kwargs()
     assert online.logit_clip == cfg.precompute.clip  # int8: clipped like the codec
