@@ -38,6 +38,18 @@ Mask-teacher supervision (issue 7; the GT-only step above is the reference):
                     --teacher-grid x --teacher-grid grid, under no_grad, as in training
   dual_cache_bf16 / dual_online_bf16   the two above on batched_bf16 (CUDA default list)
 
+The origin's distillation blocks in single mode (issue 15; one prompt per object, points or a
+box, ``dataset.prompt_mode: mixed``), with --kd-student / --kd-teacher (equal decoder widths):
+
+  single            single-mode step, GT only: the baseline of the two below
+  single_kd_cache   + the four blocks (encoder_patch, prompt_embed, decoder_mask_token,
+                    dense_mask_logits) with the teacher's embedding as the cache gives it (fp16;
+                    reading it is the loader's job) and the teacher's prompt encoder + mask
+                    decoder run on it for the student's prompts every step; the teacher's image
+                    encoder is never built (its memory is not counted)
+  single_kd_online  the same with the full teacher run every step: its image encoder on the
+                    batch's images (no grad), then its decoder -- the origin's online teacher
+
 The teacher has random weights with its mask head scaled x --teacher-logit-scale so that logits
 have SAM-like magnitudes (tens); random weights fail SAM's quality filters and their masks all
 span the image, so the pred_iou / stability thresholds are 0, NMS runs at 1.0 and
@@ -53,6 +65,7 @@ optimizer state, activations).
     python bench/train_step.py --device cuda --model vit_t --image-size 1024 --batch 8 --prompts 64
     python bench/train_step.py --variants naive batched_bf16 compiled --json
     python bench/train_step.py --variants batched_points dual_cache dual_online      # CPU, tiny
+    python bench/train_step.py --threads 1 --variants single single_kd_cache single_kd_online
     python bench/train_step.py --device cuda --model vit_t --image-size 1024 --batch 8 \
         --prompts 64 --teacher-model vit_h --teacher-grid 16 \
         --variants batched_bf16 dual_cache_bf16 dual_online_bf16
@@ -81,13 +94,24 @@ from maskteacher.cache_format import Codec
 from maskteacher.cache_format.codecs import encode_logits
 from maskteacher.data import point_grid
 from maskteacher.models import build_sam
+from maskteacher.models.everything import encode_images
+from maskteacher.models.prompt_decoder import build_prompt_decoder
 from maskteacher.train.data.batch import Batch, PromptSet, TeacherTargets, TrainSample, collate
 from maskteacher.train.data.online_teacher import MASK_FIELDS, OnlineTeacher
+from maskteacher.train.data.prompts import SingleSettings, single_prompts
+from maskteacher.train.distill.feature_kd import FeatureDistillation, KDTeacher
+from maskteacher.train.distill.prompt_blocks import (
+    DecoderMaskToken,
+    DenseMaskLogits,
+    EncoderPatch,
+    PromptEmbed,
+)
+from maskteacher.train.distill.teacher_decoder import TeacherDecoder
 from maskteacher.train.schedule import EpochSettings, build_optimizer
 from maskteacher.train.student import Predictions, StudentForward, run_forward
 from maskteacher.train.supervision.base import StepContext
 from maskteacher.train.supervision.criterion import MaskCriterion, weighted_total
-from maskteacher.train.supervision.gt import GTSupervision
+from maskteacher.train.supervision.gt import GTSupervision, SingleSupervision
 from maskteacher.train.supervision.mask_teacher import DualSupervision
 from maskteacher.train.supervision.matcher import MatchSettings
 
@@ -162,6 +186,8 @@ class Variant:
     naive: bool = False
     teacher: str | None = None  # None: GT only; "cache": dual from cached outputs; "online"
     point_decoding: bool = False
+    single: bool = False  # single-mode prompts (one per object, points or a box)
+    kd: str | None = None  # the four distillation blocks: "cache" or "online" teacher
 
 
 VARIANTS: dict[str, Variant] = {
@@ -232,6 +258,19 @@ VARIANTS: dict[str, Variant] = {
             loss_points=True,
             teacher="online",
         ),
+        Variant("single", "single mode (mixed points / boxes), GT only", single=True),
+        Variant(
+            "single_kd_cache",
+            "single + the 4 blocks, teacher decoder on cached embeddings",
+            single=True,
+            kd="cache",
+        ),
+        Variant(
+            "single_kd_online",
+            "single + the 4 blocks, full teacher run online",
+            single=True,
+            kd="online",
+        ),
         Variant(
             "dual_cache_bf16",
             "batched_bf16 + dual_supervision, teacher from the cache",
@@ -267,6 +306,8 @@ RATIOS: list[tuple[str, str]] = [
     ("dual_online", "dual_cache"),  # target >= 3 (GPU, vit_h teacher)
     ("dual_cache_bf16", "batched_bf16"),  # target <= 1.10
     ("dual_online_bf16", "dual_cache_bf16"),  # target >= 3 (GPU, vit_h teacher)
+    ("single_kd_cache", "single"),  # target <= 1.3
+    ("single_kd_online", "single_kd_cache"),  # target >= 3
 ]
 #: Variants run when --variants is not given.
 DEFAULT_VARIANTS = {
@@ -352,7 +393,111 @@ def cached_teacher(batch: Batch, hook: OnlineTeacher) -> list[TeacherTargets]:
     return out
 
 
+def single_batch(*, batch: int, prompts: int, masks: int, image_size: int, seed: int) -> Batch:
+    """The synthetic images of :func:`synthetic_batch` with single-mode prompts: one per object
+    (up to ``prompts``), points (1-3) or a jittered box with equal odds."""
+    samples = []
+    for i in range(batch):
+        base = synthetic_batch(
+            batch=1, prompts=1, masks=masks, image_size=image_size, seed=seed + i
+        )
+        settings = SingleSettings(mode="mixed", max_prompts=prompts, max_bbox_shift=8)
+        pr = single_prompts(
+            base.gt_masks[0], settings=settings, input_hw=(image_size, image_size),
+            orig_hw=(image_size, image_size), image_size=image_size,
+            rng=np.random.default_rng(seed + i),
+        )  # fmt: skip
+        samples.append(
+            TrainSample(
+                image_id=str(i), image=base.images[0], input_hw=(image_size, image_size),
+                orig_hw=(image_size, image_size), gt_masks=base.gt_masks[0], prompts=pr,
+            )
+        )  # fmt: skip
+    return collate(samples)
+
+
+KD_BLOCKS = [
+    EncoderPatch(w_l2=1.0, w_cos=1.0, weight=1.0),
+    PromptEmbed(w_mse=0.7, w_cos=0.3, weight=1.0),
+    DecoderMaskToken(w_kl=1.0, temperature=0.5, weight=1.0),
+    DenseMaskLogits(w_kl=0.6, w_focal=0.4, gamma=2.0, weight=1.0),
+]
+
+
+def kd_teacher(variant: Variant, args, batch: Batch, device: torch.device) -> KDTeacher:
+    """The distillation teacher: its decoder, and where its embedding comes from each step --
+    the batch as the cache gives it (fp16; random values of the teacher's shape: the cached run
+    never builds the teacher's encoder, so neither does this one), or its encoder run online."""
+    torch.manual_seed(1)
+    if variant.kd == "online":
+        full = build_sam(args.kd_teacher, image_size=args.image_size).to(device).eval()
+        model: torch.nn.Module = full.requires_grad_(False)
+
+        def source(b: Batch) -> list[TeacherTargets]:
+            emb = encode_images(full, b.images, b.input_hw)  # the teacher's encoder, every step
+            return [TeacherTargets(embedding=e) for e in emb]
+
+    else:
+        model = build_prompt_decoder(args.kd_teacher, args.image_size).requires_grad_(False)
+        model = model.to(device)
+        grid = args.image_size // 16
+        shape = (batch.num_images, model.width, grid, grid)
+        cached = [TeacherTargets(embedding=e) for e in torch.randn(shape, device=device).half()]
+
+        def source(b: Batch) -> list[TeacherTargets]:
+            return cached
+
+    decoder = TeacherDecoder(model, multimask_output=False, chunk=max(1, batch.num_prompts))
+    return KDTeacher("teacher", 1.0, source, from_batch=False, decoder=decoder)
+
+
+def make_kd_step(variant: Variant, args, device: torch.device) -> tuple[Callable[[], float], Batch]:
+    """A single-mode step, with the four distillation blocks when the variant has them."""
+    torch.manual_seed(0)
+    sam = build_sam(args.kd_student, image_size=args.image_size).to(device).train()
+    batch = single_batch(
+        batch=args.batch, prompts=args.prompts, masks=args.masks,
+        image_size=args.image_size, seed=0,
+    ).to(device)  # fmt: skip
+    strategy = SingleSupervision(criterion=MaskCriterion(loss_points=args.loss_points))
+    kd = None
+    if variant.kd is not None:
+        teacher = kd_teacher(variant, args, batch, device)
+        kd = FeatureDistillation(teachers=[teacher], blocks=KD_BLOCKS, batch_fields=frozenset())
+    forward = StudentForward(
+        sam, points_per_batch=max(1, batch.num_prompts), return_features=kd is not None
+    )
+    optimizer = build_optimizer(sam, lr=1e-5, weight_decay=1e-4, encoder_lr_scale=0.1)
+    settings = EpochSettings(LOSS_WEIGHTS, True, 1.0, (True, True, True))
+    counter = {"step": 0}
+
+    def step() -> float:
+        ctx = StepContext(
+            settings=settings,
+            generator=torch.Generator().manual_seed(counter["step"]),
+            reduce_count=float,
+            image_size=args.image_size,
+        )
+        counter["step"] += 1
+        preds = run_forward(forward, batch)
+        out = strategy(preds, batch, ctx)
+        terms, weights = dict(out.terms), dict(out.weights)
+        if kd is not None:
+            extra = kd(preds, batch, ctx, out)
+            terms.update(extra.terms)
+            weights.update(extra.weights)
+        loss = weighted_total(terms, weights)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step, batch
+
+
 def make_step(variant: Variant, args, device: torch.device) -> tuple[Callable[[], float], Batch]:
+    if variant.single:
+        return make_kd_step(variant, args, device)
     torch.manual_seed(0)
     sam = build_sam(args.model, image_size=args.image_size).to(device).train()
     batch = synthetic_batch(
@@ -561,6 +706,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--teacher-logit-scale", type=float, default=1000.0)
     parser.add_argument("--soft-type", default="kl", choices=["l2", "kl"])
+    parser.add_argument("--kd-student", default=None, help="single_* variants' student (--model)")
+    parser.add_argument(
+        "--kd-teacher", default="vit_b_tiny", help="single_kd_* variants' teacher (same width)"
+    )
     parser.add_argument(
         "--ckpt-chunk", type=int, default=None, help="prompts per checkpointed chunk (default P)"
     )
@@ -576,6 +725,8 @@ def main(argv: list[str] | None = None) -> int:
         args.loss_points = (args.image_size // 4) ** 2 // 4
     if args.ckpt_chunk is None:
         args.ckpt_chunk = args.prompts
+    if args.kd_student is None:
+        args.kd_student = args.model
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_of:
@@ -606,6 +757,8 @@ def main(argv: list[str] | None = None) -> int:
         f"prompts/image={args.prompts} gt masks/image={args.masks} loss_points={args.loss_points} "
         f"threads={torch.get_num_threads()} steps={args.steps} (median)"
     )
+    if any(VARIANTS[r.variant].single for r in results):
+        print(f"single_*: student {args.kd_student}, teacher {args.kd_teacher}")
     print(f"{'variant':<16}{'ms/image':>10}{'min':>9}{memory:>10}{'loss':>9}  what")
     for r in results:
         print(

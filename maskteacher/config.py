@@ -271,41 +271,55 @@ class RelationalKD:
 @dataclass
 class DynamicLambda:
     enable_plateau_scheduler: bool = _f(
-        False, "Origin key: scale lambda_coef down when validation plateaus.", unused=True
+        False,
+        "Scale lambda_coef by factor after patience validations without improvement, and back up (by 1 / factor, at most to the configured lambda_coef) after one that improves; needs dataset.val_dataset.",
     )
-    patience: int = _f(
-        5, "Origin key: validations without improvement before scaling.", ge=0, unused=True
-    )
-    factor: float = _f(0.5, "Origin key: multiplier applied to lambda_coef.", gt=0, unused=True)
+    patience: int = _f(5, "Validations without improvement before lambda_coef is scaled.", ge=0)
+    factor: float = _f(0.5, "Multiplier applied to lambda_coef on a plateau.", gt=0, le=1)
 
 
 @dataclass
 class EncoderPatch:
-    enable: bool = _f(False, "Origin key (encoder patch L2 + cosine).", unused=True)
-    w_l2: float = _f(1.0, "Origin key.", ge=0, unused=True)
-    w_cos: float = _f(1.0, "Origin key.", ge=0, unused=True)
+    enable: bool = _f(
+        False, "Image embedding vs the teacher's cached one: w_l2 * MSE + w_cos * (1 - cosine)."
+    )
+    w_l2: float = _f(1.0, "Weight of the MSE term.", ge=0)
+    w_cos: float = _f(1.0, "Weight of the (1 - cosine similarity) term.", ge=0)
+    weight: float = _f(1.0, "Overall weight of this block.", ge=0)
 
 
 @dataclass
 class PromptEmbed:
-    enable: bool = _f(False, "Origin key (prompt embedding MSE + cosine).", unused=True)
-    w_mse: float = _f(1.0, "Origin key.", ge=0, unused=True)
-    w_cos: float = _f(1.0, "Origin key.", ge=0, unused=True)
+    enable: bool = _f(
+        False,
+        "Per prompt: the decoder transformer's prompt-conditioned image embedding vs the teacher decoder's for the same prompt (teacher decoder on the cached embedding).",
+    )
+    w_mse: float = _f(1.0, "Weight of the MSE of channel-normalised embeddings.", ge=0)
+    w_cos: float = _f(1.0, "Weight of the (1 - cosine similarity) term.", ge=0)
+    weight: float = _f(1.0, "Overall weight of this block.", ge=0)
 
 
 @dataclass
 class DecoderMaskToken:
-    enable: bool = _f(False, "Origin key (decoder mask-token KL).", unused=True)
-    w_kl: float = _f(1.0, "Origin key.", ge=0, unused=True)
-    temperature: float = _f(0.5, "Origin key.", gt=0, unused=True)
+    enable: bool = _f(
+        False,
+        "Per prompt: the 4 mask tokens' outputs vs the teacher decoder's, temperature-softmax KL over channels (x T^2, summed over tokens).",
+    )
+    w_kl: float = _f(1.0, "Weight of the KL term.", ge=0)
+    temperature: float = _f(0.5, "Softmax temperature T.", gt=0)
+    weight: float = _f(1.0, "Overall weight of this block.", ge=0)
 
 
 @dataclass
 class DenseMaskLogits:
-    enable: bool = _f(False, "Origin key (dense mask-logit KL + focal).", unused=True)
-    w_kl: float = _f(1.0, "Origin key.", ge=0, unused=True)
-    w_focal: float = _f(1.0, "Origin key.", ge=0, unused=True)
-    gamma: float = _f(2.0, "Origin key.", ge=0, unused=True)
+    enable: bool = _f(
+        False,
+        "Per prompt: low-res mask logits vs the teacher decoder's for the same prompt: Bernoulli KL(teacher || student) + soft-target focal, per pixel (SAM teachers).",
+    )
+    w_kl: float = _f(1.0, "Weight of the Bernoulli KL term.", ge=0)
+    w_focal: float = _f(1.0, "Weight of the soft-target focal term.", ge=0)
+    gamma: float = _f(2.0, "Focal loss focusing parameter.", ge=0)
+    weight: float = _f(1.0, "Overall weight of this block.", ge=0)
 
 
 @dataclass
@@ -333,12 +347,20 @@ class DistillationConfig:
         None, "Origin key (per-file .npy feature dumps); use teachers[].cache_path.", unused=True
     )
     dynamic_lambda: DynamicLambda = _f(
-        factory=DynamicLambda, help="Origin key: plateau scheduling of lambda_coef."
+        factory=DynamicLambda, help="Plateau scheduling of lambda_coef on validation."
     )
-    encoder_patch: EncoderPatch = _f(factory=EncoderPatch, help="Origin key.")
-    prompt_embed: PromptEmbed = _f(factory=PromptEmbed, help="Origin key.")
-    decoder_mask_token: DecoderMaskToken = _f(factory=DecoderMaskToken, help="Origin key.")
-    dense_mask_logits: DenseMaskLogits = _f(factory=DenseMaskLogits, help="Origin key.")
+    encoder_patch: EncoderPatch = _f(
+        factory=EncoderPatch, help="The origin's encoder patch-token block (image embedding)."
+    )
+    prompt_embed: PromptEmbed = _f(
+        factory=PromptEmbed, help="The origin's prompt-conditioned embedding block."
+    )
+    decoder_mask_token: DecoderMaskToken = _f(
+        factory=DecoderMaskToken, help="The origin's decoder mask-token block."
+    )
+    dense_mask_logits: DenseMaskLogits = _f(
+        factory=DenseMaskLogits, help="The origin's dense mask-logit block."
+    )
 
 
 @dataclass
@@ -449,7 +471,8 @@ class StoreConfig:
     )
     gt: bool = _f(True, "Ground-truth masks in the low-res frame (bit-packed).")
     embedding: bool = _f(
-        False, "Teacher image embedding (fp16), needed by encoder/attention/RKD matching."
+        False,
+        "Teacher image embedding (fp16, 2 MB per image at image_size 1024) and the teacher's prompt encoder + mask decoder weights (once per cache), needed by encoder/attention/RKD matching and the origin's four blocks.",
     )
     tokens: bool = _f(
         False, "Per-mask mask-decoder output tokens (fp16), needed by decoder_matching."

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from maskteacher.cache_format.decoder_file import DecoderFile
 from maskteacher.cache_format.errors import CacheError
 from maskteacher.cache_format.jsonio import as_dict, free_object, get, parse_json, read_json_file
 from maskteacher.cache_format.layout import ArraySpec
@@ -189,7 +190,9 @@ class IndexInfo:
 @dataclass
 class Manifest:
     """``manifest.json``: header, shards and failed images; format 2 adds the array layout,
-    the index and the quantisation summary (``upgraded_from``: the format-1 id, if converted)."""
+    the index and the quantisation summary (``upgraded_from``: the format-1 id, if converted);
+    ``decoder``: the teacher's prompt encoder + mask decoder weights file, when the cache holds
+    one (:mod:`.decoder_file`; an optional key, so readers that predate it still read the cache)."""
 
     header: CacheHeader
     shards: list[ShardEntry]
@@ -198,6 +201,7 @@ class Manifest:
     index: IndexInfo | None = None
     quant: dict[str, Any] = field(default_factory=dict)
     upgraded_from: dict[str, Any] | None = None
+    decoder: DecoderFile | None = None
 
     @property
     def version(self) -> int:
@@ -222,6 +226,8 @@ class Manifest:
             out["shards"] = [s.ref_json() for s in self.shards]
             if self.upgraded_from is not None:
                 out["upgraded_from"] = self.upgraded_from
+            if self.decoder is not None:
+                out["teacher_decoder"] = self.decoder.to_json()
         out["failures"] = [f.to_json() for f in self.failures]
         return out
 
@@ -252,6 +258,10 @@ class Manifest:
             manifest.quant = free_object(d, "quant", where)
             if "upgraded_from" in d:
                 manifest.upgraded_from = free_object(d, "upgraded_from", where)
+            if "teacher_decoder" in d:
+                manifest.decoder = DecoderFile.from_json(
+                    d["teacher_decoder"], f"{where}: teacher_decoder"
+                )
         return manifest
 
     def cache_id(self) -> str:

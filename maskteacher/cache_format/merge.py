@@ -15,6 +15,7 @@ import shutil
 from typing import Any
 
 from maskteacher.cache_format.checks import listed_files
+from maskteacher.cache_format.decoder_file import copy_decoder_file
 from maskteacher.cache_format.errors import CacheError, os_errors
 from maskteacher.cache_format.identity import header_mismatch
 from maskteacher.cache_format.jsonio import write_bytes_atomic
@@ -107,6 +108,8 @@ def merge_caches(
                 _write_failures(
                     out, f"merged-{k:03d}-{os.path.basename(os.path.abspath(src))}", scan
                 )
+        for src in sources:  # the teacher's decoder weights: the same file in every input
+            copy_decoder_file(src, out)
     return finalize(out)
 
 

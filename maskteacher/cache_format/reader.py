@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from maskteacher.cache_format.checks import shard_file_problems
+from maskteacher.cache_format.decoder_file import read_decoder_weights
 from maskteacher.cache_format.errors import CacheError
 from maskteacher.cache_format.identity import check_expect
 from maskteacher.cache_format.index import CacheIndex, IdView, build_columns, id_hash
@@ -115,6 +116,13 @@ class CacheReader:
         if self._cache_id is None:
             self._cache_id = self.manifest.cache_id()
         return self._cache_id
+
+    def decoder_weights(self) -> dict[str, np.ndarray] | None:
+        """The teacher's prompt encoder + mask decoder arrays (``teacher_decoder.npz``, checked
+        against the manifest's sha256), or None when the cache holds none."""
+        if self.manifest.decoder is None:
+            return None
+        return read_decoder_weights(self.source, self.manifest.decoder)
 
     # -- positions -----------------------------------------------------------------------------
 

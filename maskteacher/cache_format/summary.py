@@ -14,8 +14,9 @@ from maskteacher.cache_format.storage import make_source
 
 
 def inspect_cache(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Summary of a cache: counts, masks per image, bytes per image, codec, teacher, parameters,
-    quantisation statistics and failed images."""
+    """Summary of a cache: counts, masks per image, bytes per image (all shards' files / images;
+    with stored embeddings also one embedding's uncompressed fp16 bytes), codec, teacher,
+    parameters, the teacher decoder weights file, quantisation statistics and failed images."""
     source = make_source(path)
     manifest = load_manifest(source)
     index = load_index(source, manifest)
@@ -43,12 +44,20 @@ def inspect_cache(path: str | os.PathLike[str]) -> dict[str, Any]:
         "gt_masks_per_image": _spread(index.col("gt_count") if len(index) else np.zeros(0)),
         "bytes": total_bytes,
         "bytes_per_image": total_bytes / manifest.images if manifest.images else None,
+        "embedding_bytes_per_image": _embedding_bytes(manifest),
+        "teacher_decoder": None if manifest.decoder is None else manifest.decoder.to_json(),
         "quantisation": {
             "clipped_fraction_max": quant.get("clipped_fraction_max"),
             "max_err_inside_8": quant.get("max_err_band"),
         },
         "failed_images": [f.to_json() for f in manifest.failures],
     }
+
+
+def _embedding_bytes(manifest: Any) -> int | None:
+    """Uncompressed bytes of one image's stored embedding (fp16, C x E x E; None without)."""
+    spec = (manifest.layout or {}).get("embedding")
+    return None if spec is None else spec.row_nbytes
 
 
 def _v1_quant(shards: list[Any]) -> dict[str, Any]:

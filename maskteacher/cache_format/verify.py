@@ -4,7 +4,8 @@ Two passes per shard, separable: the *checksum* pass recomputes the size and sha
 file the shard's entry lists and reports unlisted files and links; the *decode* pass reads the
 shard's own table (compared with the cache index), checks its arrays against the manifest's
 layout and decodes every image (every chunk's crc32c / fletcher32). Cache-wide checks come
-first: the manifest, every index column (crc32c and sha256) and ids listed twice in one split.
+first: the manifest, every index column (crc32c and sha256), the teacher decoder weights file
+(size and sha256, when the cache has one) and ids listed twice in one split.
 Shards are spread over ``jobs`` processes (forked from a single-threaded caller, else spawned).
 """
 
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from maskteacher.cache_format.checks import file_digest, shard_file_problems
+from maskteacher.cache_format.decoder_file import read_decoder_weights
 from maskteacher.cache_format.errors import CacheError
 from maskteacher.cache_format.index import CacheIndex
 from maskteacher.cache_format.manifest import Manifest, load_manifest, load_sidecar
@@ -103,6 +105,12 @@ def verify_cache(
     report.shards, report.images = len(manifest.shards), manifest.images
     index = _check_index(source, manifest, report)
     report.problems.extend(_duplicates(manifest, index))
+    if manifest.decoder is not None:
+        try:
+            read_decoder_weights(source, manifest.decoder)
+            report.files += 1
+        except CacheError as exc:
+            report.problems.append(Problem(manifest.decoder.path, None, str(exc)))
     jobs = min(default_jobs() if jobs is None else max(1, jobs), max(1, len(manifest.shards)))
     bar = None  # made after the worker pool (its monitor thread would make fork unsafe)
     for k, (files, ok, problems) in _run_shards(

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from maskteacher.cache_format.checks import file_digest
+from maskteacher.cache_format.decoder_file import decoder_file_entry
 from maskteacher.cache_format.errors import CacheError, CacheMismatch, os_errors
 from maskteacher.cache_format.identity import header_mismatch
 from maskteacher.cache_format.index import build_columns, prune_indexes, write_index
@@ -274,6 +275,7 @@ def finalize(root: str | os.PathLike[str], *, upgraded_from: dict | None = None)
             index=write_index(root, build_columns(tables)),
             quant=_quant_summary(scan.shards),
             upgraded_from=upgraded_from if upgraded_from is not None else _kept_upgrade_note(root),
+            decoder=decoder_file_entry(root),
         )
         for entry in manifest.shards:
             entry.sidecar = _sidecar_digest(source, entry)

@@ -135,6 +135,19 @@ def format_inspect(info: dict[str, Any]) -> str:
         + (
             f", {info['bytes_per_image'] / 1e3:.1f} KB per image" if info["bytes_per_image"] else ""
         ),
+        "embedding   "
+        + (
+            "-"
+            if info["embedding_bytes_per_image"] is None
+            else f"fp16, {info['embedding_bytes_per_image'] / 1e3:.1f} KB per image before compression"
+        ),
+        "decoder     "
+        + (
+            "-"
+            if info["teacher_decoder"] is None
+            else f"{info['teacher_decoder']['path']}, {info['teacher_decoder']['arrays']} arrays, "
+            f"{info['teacher_decoder']['bytes'] / 1e6:.2f} MB (sha256 {info['teacher_decoder']['sha256'][:16]}...)"
+        ),
         "quantised   "
         + (
             "-"

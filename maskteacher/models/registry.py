@@ -136,31 +136,40 @@ TINY_VIT_TINY = {
 }
 
 
+def sam_decoder_parts(decoder: DecoderSpec, image_size: int) -> tuple[PromptEncoder, MaskDecoder]:
+    """segment-anything's prompt encoder and mask decoder of width ``decoder`` for
+    ``image_size`` inputs (built in this order: random initialisation depends on it)."""
+    grid = image_size // PATCH_SIZE
+    prompt_encoder = PromptEncoder(
+        embed_dim=decoder.dim,
+        image_embedding_size=(grid, grid),
+        input_image_size=(image_size, image_size),
+        mask_in_chans=decoder.mask_in_chans,
+    )
+    mask_decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(
+            depth=2,
+            embedding_dim=decoder.dim,
+            mlp_dim=decoder.mlp_dim,
+            num_heads=decoder.num_heads,
+        ),
+        transformer_dim=decoder.dim,
+        iou_head_depth=3,
+        iou_head_hidden_dim=decoder.iou_hidden_dim,
+    )
+    return prompt_encoder, mask_decoder
+
+
 def _assemble(
     model_type: str, image_encoder: nn.Module, decoder: DecoderSpec, image_size: int
 ) -> RegistrySam:
-    grid = image_size // PATCH_SIZE
+    prompt_encoder, mask_decoder = sam_decoder_parts(decoder, image_size)
     return RegistrySam(
         model_type=model_type,
         image_encoder=image_encoder,
-        prompt_encoder=PromptEncoder(
-            embed_dim=decoder.dim,
-            image_embedding_size=(grid, grid),
-            input_image_size=(image_size, image_size),
-            mask_in_chans=decoder.mask_in_chans,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(
-                depth=2,
-                embedding_dim=decoder.dim,
-                mlp_dim=decoder.mlp_dim,
-                num_heads=decoder.num_heads,
-            ),
-            transformer_dim=decoder.dim,
-            iou_head_depth=3,
-            iou_head_hidden_dim=decoder.iou_hidden_dim,
-        ),
+        prompt_encoder=prompt_encoder,
+        mask_decoder=mask_decoder,
     )
 
 
@@ -262,6 +271,15 @@ MODEL_BUILDERS: dict[str, Callable[[int], nn.Module]] = {
     **{hq: _sam_hq(hq) for hq in HQ_VARIANTS.values()},
 }
 MODEL_TYPES: tuple[str, ...] = tuple(MODEL_BUILDERS)
+#: The prompt encoder + mask decoder widths of each SAM entry (its SAM-HQ variant has the same).
+DECODER_SPECS: dict[str, DecoderSpec] = {
+    "vit_h": OFFICIAL_DECODER,
+    "vit_l": OFFICIAL_DECODER,
+    "vit_b": OFFICIAL_DECODER,
+    "vit_t": OFFICIAL_DECODER,
+    "vit_t_tiny": TINY_DECODER,
+    "vit_b_tiny": TINY_DECODER,
+}
 SAM_TYPES: tuple[str, ...] = tuple(SAM_BUILDERS)
 HQ_TYPES: tuple[str, ...] = tuple(HQ_VARIANTS.values())
 

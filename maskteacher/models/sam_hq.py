@@ -105,30 +105,41 @@ def _assemble_hq(
 ) -> RegistrySamHQ:
     """segment-anything-hq's PromptEncoder / MaskDecoderHQ / TwoWayTransformer around an encoder
     whose early feature has ``vit_dim`` channels (the package's ``_build_sam`` settings)."""
-    grid = image_size // PATCH_SIZE
+    prompt_encoder, mask_decoder = hq_decoder_parts(decoder, image_size, vit_dim=vit_dim)
     return RegistrySamHQ(
         model_type=model_type,
         image_encoder=image_encoder,
-        prompt_encoder=hq_modeling.PromptEncoder(
-            embed_dim=decoder.dim,
-            image_embedding_size=(grid, grid),
-            input_image_size=(image_size, image_size),
-            mask_in_chans=decoder.mask_in_chans,
-        ),
-        mask_decoder=hq_modeling.MaskDecoderHQ(
-            num_multimask_outputs=3,
-            transformer=hq_modeling.TwoWayTransformer(
-                depth=2,
-                embedding_dim=decoder.dim,
-                mlp_dim=decoder.mlp_dim,
-                num_heads=decoder.num_heads,
-            ),
-            transformer_dim=decoder.dim,
-            iou_head_depth=3,
-            iou_head_hidden_dim=decoder.iou_hidden_dim,
-            vit_dim=vit_dim,
-        ),
+        prompt_encoder=prompt_encoder,
+        mask_decoder=mask_decoder,
     )
+
+
+def hq_decoder_parts(
+    decoder: DecoderSpec, image_size: int, *, vit_dim: int
+) -> tuple[nn.Module, nn.Module]:
+    """segment-anything-hq's prompt encoder and ``MaskDecoderHQ`` (early features of ``vit_dim``
+    channels), built in this order (random initialisation depends on it)."""
+    grid = image_size // PATCH_SIZE
+    prompt_encoder = hq_modeling.PromptEncoder(
+        embed_dim=decoder.dim,
+        image_embedding_size=(grid, grid),
+        input_image_size=(image_size, image_size),
+        mask_in_chans=decoder.mask_in_chans,
+    )
+    mask_decoder = hq_modeling.MaskDecoderHQ(
+        num_multimask_outputs=3,
+        transformer=hq_modeling.TwoWayTransformer(
+            depth=2,
+            embedding_dim=decoder.dim,
+            mlp_dim=decoder.mlp_dim,
+            num_heads=decoder.num_heads,
+        ),
+        transformer_dim=decoder.dim,
+        iou_head_depth=3,
+        iou_head_hidden_dim=decoder.iou_hidden_dim,
+        vit_dim=vit_dim,
+    )
+    return prompt_encoder, mask_decoder
 
 
 def _vit_hq(model_type: str, spec: ViTSpec, decoder: DecoderSpec) -> Callable[[int], RegistrySamHQ]:
@@ -159,4 +170,14 @@ HQ_BUILDERS: dict[str, Callable[[int], RegistrySamHQ]] = {
     "vit_t_hq": _tiny_vit_hq("vit_t_hq", TINY_VIT_T, OFFICIAL_DECODER),
     "vit_t_tiny_hq": _tiny_vit_hq("vit_t_tiny_hq", TINY_VIT_TINY, TINY_DECODER),
     "vit_b_tiny_hq": _vit_hq("vit_b_tiny_hq", VIT_B_TINY, TINY_DECODER),
+}
+
+#: Width of each SAM-HQ entry's early encoder feature (``vit_dim`` of its ``MaskDecoderHQ``).
+HQ_VIT_DIMS: dict[str, int] = {
+    "vit_h_hq": VIT_H.width,
+    "vit_l_hq": VIT_L.width,
+    "vit_b_hq": VIT_B.width,
+    "vit_t_hq": TINY_VIT_T["embed_dims"][2],
+    "vit_t_tiny_hq": TINY_VIT_TINY["embed_dims"][2],
+    "vit_b_tiny_hq": VIT_B_TINY.width,
 }

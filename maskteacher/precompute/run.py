@@ -6,6 +6,9 @@
 2. open the splits (an empty split, or a cache folder inside a dataset folder, is refused),
    build the teacher, ``init_cache`` with the header -- a cache folder made with other
    settings is refused, naming the config key (:mod:`maskteacher.cache_format.identity`);
+   with ``store.embedding`` also write the teacher's prompt encoder + mask decoder weights
+   (``teacher_decoder.npz``, :mod:`maskteacher.cache_format.decoder_file`), so the cache
+   alone can decode prompts on its embeddings;
 3. take this worker's writer lock (one writer per slice of the work: a second process for the
    same slice, or one splitting the work differently, is refused -- it would write the same
    images again), plan shards (:mod:`.plan`), skip images already in finished shards, and run
@@ -38,6 +41,7 @@ from maskteacher.cache_format import (
     init_cache,
     record_failure,
 )
+from maskteacher.cache_format.decoder_file import write_decoder_weights
 from maskteacher.cache_format.locks import writer_lock
 from maskteacher.cache_format.paths import inside
 from maskteacher.data.dataset import SegmentationDataset
@@ -49,7 +53,7 @@ from maskteacher.precompute.job import PrecomputeJob
 from maskteacher.precompute.loader import source_root
 from maskteacher.precompute.plan import WorkItem, assigned_items, plan_split
 from maskteacher.precompute.summary import PrecomputeSummary
-from maskteacher.precompute.teacher import build_teacher
+from maskteacher.precompute.teacher import build_teacher, decoder_arrays
 from maskteacher.precompute.verify import verify_with_teacher
 
 log = logging.getLogger(__name__)
@@ -99,6 +103,8 @@ def _run(job: PrecomputeJob, ctx: WorkerContext) -> PrecomputeSummary:
     uses_model = job.store.teacher or job.store.embedding or job.verify > 0
     model = build_teacher(job.teacher, device) if uses_model else None
     join_cache(job, make_header(job, datasets, identity=job.teacher.identity(model)))
+    if job.store.embedding and model is not None:
+        write_decoder_weights(job.cache_path, decoder_arrays(model))
     lock = writer_lock(job.cache_path, ctx.worker_name, f"{ctx.num_workers} worker(s)")
     try:
         planned, pending = _pending(job, ctx, datasets)

@@ -24,9 +24,11 @@ import hashlib
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from maskteacher.models import build_sam, built_teacher_type, sha256_file
+from maskteacher.models.prompt_decoder import decoder_state
 
 log = logging.getLogger(__name__)
 
@@ -92,3 +94,9 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def decoder_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The teacher's prompt encoder + mask decoder tensors as numpy arrays (the cache's
+    ``teacher_decoder.npz``), in their own dtypes (float32 weights, as loaded)."""
+    return {k: v.detach().cpu().numpy() for k, v in decoder_state(model.state_dict()).items()}

@@ -11,7 +11,8 @@ imports only from its own level or below; ``tests/test_import_direction.py`` che
 3. :mod:`.student` -- the student's forward pass (encode, batched decoding);
 4. :mod:`.supervision` -- matcher, losses, criterion, the strategies (gt, single, replace_gt,
    dual_supervision) in the plain dict ``SUPERVISIONS``;
-5. :mod:`.distill` -- feature-distillation losses and blocks (``BLOCKS``), the auxiliary loss;
+5. :mod:`.distill` -- feature-distillation losses and blocks (``BLOCKS``, the origin's four
+   included), the teacher's decoder run on cached embeddings, the auxiliary loss;
 6. ``validate``, ``visual``, ``engine`` -- validation IoU, overlay pictures, the step and the
    epoch loop;
 7. :mod:`.plan` -- the run plan: every setting and config-derived part as plain values;

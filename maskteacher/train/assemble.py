@@ -1,6 +1,6 @@
 """Opening what a :class:`~maskteacher.train.plan.RunPlan` names: datasets and loaders, the
 mask teacher's cache (checked against the plan), the online teacher, distillation teachers'
-caches, the validation pictures.
+caches and decoders, the validation pictures.
 
 Each function takes the plan (plain values) and returns parts for :mod:`maskteacher.train.run`;
 bad input (an empty dataset, a cache made for other data or by another teacher) is one
@@ -25,6 +25,7 @@ from maskteacher.train.data.dataset import TargetSource, TrainDataset
 from maskteacher.train.data.online_teacher import OnlineTeacher, build_online_teacher
 from maskteacher.train.data.sampler import Batches, ResumableSampler, ShardSampler, make_loader
 from maskteacher.train.distill.feature_kd import FeatureDistillation, KDTeacher
+from maskteacher.train.distill.teacher_decoder import TeacherDecoder
 from maskteacher.train.plan import DataSpec, ImageSource, KDTeacherSpec, RunPlan
 from maskteacher.train.visual import ValidationPictures
 
@@ -164,8 +165,18 @@ def online_teacher(plan: RunPlan, device: torch.device) -> OnlineTeacher | None:
     )
 
 
-def _cache_teacher(plan: RunPlan, teacher: KDTeacherSpec, fields: frozenset[str]) -> KDTeacher:
-    """A ``teachers[]`` entry read from its own cache, checked against the plan and the data."""
+def _decoder(plan: RunPlan, model: torch.nn.Module, device: torch.device) -> TeacherDecoder:
+    s = plan.settings
+    return TeacherDecoder(
+        model.to(device), multimask_output=s.multimask_output, chunk=s.points_per_batch
+    )
+
+
+def _cache_teacher(
+    plan: RunPlan, teacher: KDTeacherSpec, fields: frozenset[str], device: torch.device | None
+) -> KDTeacher:
+    """A ``teachers[]`` entry read from its own cache, checked against the plan and the data;
+    device: where its decoder runs (None: no block decodes prompts)."""
     identity, path = teacher.identity, teacher.cache_path
     header = teacher_cache.check_cache_identity(path, identity)
     cache_data.check_store(header, fields, where=identity.where, path=path)
@@ -178,25 +189,65 @@ def _cache_teacher(plan: RunPlan, teacher: KDTeacherSpec, fields: frozenset[str]
                 f"{identity.where} {path}: dataset fingerprint of split 'train' is {have} in the "
                 f"cache but {want} for {train.path}: {FINGERPRINT_MISMATCH_HINT}"
             )
+    opened = teacher_cache.open_teacher_cache(path, where=identity.where)
     reader = teacher_cache.CacheTeacherReader(
-        teacher_cache.open_teacher_cache(path, where=identity.where),
-        fields=fields,
-        split="train",
-        where=identity.where,
+        opened, fields=fields, split="train", where=identity.where
     )
     source = lambda batch: reader(batch.image_ids, batch.images.device)  # noqa: E731
-    return KDTeacher(teacher.name, teacher.weight, source, from_batch=False)
+    kd = KDTeacher(teacher.name, teacher.weight, source, from_batch=False)
+    if device is not None:
+        model = teacher_cache.load_teacher_decoder(
+            opened, where=identity.where, checkpoint=teacher.checkpoint,
+            checkpoint_key=teacher.checkpoint_key,
+        )  # fmt: skip
+        kd.decoder = _decoder(plan, model, device)
+    return kd
 
 
-def feature_distillation(plan: RunPlan) -> FeatureDistillation | None:
-    """The distillation auxiliary loss of the plan (None: no block enabled)."""
+def _batch_teacher(
+    plan: RunPlan, teacher: KDTeacherSpec, device: torch.device | None, online: OnlineTeacher | None
+) -> KDTeacher:
+    """The batch's own teacher (the mask teacher's cache, or the online teacher), with its
+    decoder when ``device`` is given: the online teacher's own, else the cache's."""
+    kd = KDTeacher(teacher.name, teacher.weight)
+    if device is None:
+        return kd
+    if online is not None:
+        kd.decoder = _decoder(plan, online.model, device)
+        return kd
+    where = cache_data.WHERE
+    opened = teacher_cache.open_teacher_cache(plan.data.cache_path, where=where)
+    model = teacher_cache.load_teacher_decoder(
+        opened, where=where, checkpoint=teacher.checkpoint, checkpoint_key=teacher.checkpoint_key
+    )
+    kd.decoder = _decoder(plan, model, device)
+    return kd
+
+
+def feature_distillation(
+    plan: RunPlan, device: torch.device, online: OnlineTeacher | None = None
+) -> FeatureDistillation | None:
+    """The distillation auxiliary loss of the plan (None: no block enabled); a teacher whose
+    blocks decode prompts gets its decoder (frozen, on ``device``; the image encoder is never
+    built for a cached teacher)."""
     if not plan.kd_blocks:
         return None
     fields = frozenset().union(*(b.fields for b in plan.kd_blocks))
+    at = device if any(getattr(b, "needs_decoder", False) for b in plan.kd_blocks) else None
     teachers = [
-        KDTeacher(t.name, t.weight) if t.cache_path is None else _cache_teacher(plan, t, fields)
+        _batch_teacher(plan, t, at, online)
+        if t.cache_path is None
+        else _cache_teacher(plan, t, fields, at)
         for t in plan.kd_teachers
     ]
+    dense = any(b.term == "dense_mask_logits" for b in plan.kd_blocks)
+    hq = [t.name for t in teachers if dense and t.decoder is not None and t.decoder.is_hq]
+    if hq:
+        raise UserError(
+            f"distillation.dense_mask_logits: teacher '{hq[0]}' is SAM-HQ (its cache or "
+            "checkpoint holds SAM-HQ's decoder), whose masks also need the HQ features of its "
+            "image encoder, which a cache does not hold; disable the block for SAM-HQ teachers"
+        )
     batch_fields = fields if any(t.cache_path is None for t in plan.kd_teachers) else frozenset()
     return FeatureDistillation(teachers=teachers, blocks=plan.kd_blocks, batch_fields=batch_fields)
 

@@ -31,8 +31,9 @@ from maskteacher.train.plan import (
     OnlineTeacherSpec,
     RunPlan,
     RunSettings,
+    refuse_silent_epochs,
 )
-from maskteacher.train.schedule import EpochPlan, Freeze, Stage
+from maskteacher.train.schedule import EpochPlan, Freeze, LambdaPlateau, Stage
 from maskteacher.train.supervision import build_strategy, strategy_name
 from maskteacher.train.supervision.base import SupervisionStrategy
 from maskteacher.train.supervision.criterion import MaskCriterion
@@ -61,9 +62,11 @@ def bind(cfg: Config) -> RunPlan:
         online = _online_teacher(cfg, frozenset(fields), prompts)
         if prompts.needs_teacher_points:
             prompts = dataclasses.replace(prompts, defer_teacher_points=True)
+    epochs = epoch_plan(cfg)
+    _check_losses(cfg, epochs, strategy, blocks, teachers)
     return RunPlan(
         settings=run_settings(cfg),
-        epochs=epoch_plan(cfg),
+        epochs=epochs,
         strategy=strategy,
         prompts=prompts,
         val_prompts=prompt_spec(cfg, validation=True),
@@ -77,6 +80,7 @@ def bind(cfg: Config) -> RunPlan:
         visual=visual_settings(cfg),
         config=cfg.to_dict(),
         config_text=cfg.to_yaml(),
+        lambda_plateau=_lambda_plateau(cfg, blocks),
     )
 
 
@@ -95,7 +99,9 @@ def _online_teacher(cfg: Config, fields: frozenset[str], prompts) -> OnlineTeach
         checkpoint=mt.checkpoint_path,
         strict=mt.strict,
         generation=GenerationParams.from_config(cfg.precompute).generator_kwargs(),
-        provides=MASK_FIELDS | (fields & {"embedding", "tokens"}),
+        # an embedding alone needs only the image encoder, not the everything-mode masks
+        provides=(MASK_FIELDS if fields - {"embedding"} else frozenset())
+        | (fields & {"embedding", "tokens"}),
         prompts=prompts if teacher_prompts else None,
         logit_clip=cfg.precompute.clip if cfg.precompute.codec == "int8" else None,
     )
@@ -292,12 +298,25 @@ def _kd_blocks(cfg: Config) -> list:
     if not blocks:
         log.warning("distillation is enabled but none of its blocks is; it adds nothing")
         return []
-    if cfg.train.hflip:
-        raise UserError(
-            "train.hflip: true cannot be combined with feature distillation: the teacher's "
-            "cached image embedding and tokens describe the unflipped image; set train.hflip: "
-            "false or turn distillation off"
-        )
+    types = [(f"teachers[{i}].type", t.type) for i, t in enumerate(cfg.teachers)] or [
+        ("mask_teacher.teacher_type", cfg.mask_teacher.teacher_type)
+    ]
+    hq = [f"{k} = {v}" for k, v in types if v in HQ_TYPES and d.dense_mask_logits.enable]
+    refusals = {
+        "train.hflip: true cannot be combined with feature distillation: the teacher's cached "
+        "image embedding and tokens describe the unflipped image; set train.hflip: false or "
+        "turn distillation off": cfg.train.hflip,
+        "train.checkpoint_decoder: true cannot be combined with distillation.prompt_embed / "
+        "decoder_mask_token: they read the decoder's activations, which checkpointing discards; "
+        "set train.checkpoint_decoder: false": cfg.train.checkpoint_decoder
+        and any(getattr(b, "needs_features", False) for b in blocks),
+        f"distillation.dense_mask_logits cannot use the SAM-HQ teacher {', '.join(hq)}: its "
+        "masks also need the HQ features of its image encoder, which a cache does not hold; "
+        "disable the block or distil from a SAM teacher": bool(hq),
+    }
+    for message, refused in refusals.items():
+        if refused:
+            raise UserError(message)
     if d.relational_KD.enable and cfg.train.batch_size < 3:
         log.warning(
             "distillation.relational_KD needs >= 3 images per micro-batch; with "
@@ -314,8 +333,9 @@ def _same_path(a: str | None, b: str | None) -> bool:
 def _kd_teachers(cfg: Config) -> list[KDTeacherSpec]:
     """Without ``teachers`` entries the one teacher is the mask teacher (the batch's); each
     entry is a teacher with its own cache, unless that cache is the mask teacher's."""
+    mt_ckpt = cfg.mask_teacher.checkpoint_path
     if not cfg.teachers:
-        return [KDTeacherSpec(MASK_TEACHER, 1.0)]
+        return [KDTeacherSpec(MASK_TEACHER, 1.0, checkpoint=mt_ckpt)]
     out = []
     for index, (entry, weight) in enumerate(zip(cfg.teachers, teacher_weights(cfg.teachers))):
         if not entry.cache_path:
@@ -324,18 +344,41 @@ def _kd_teachers(cfg: Config) -> list[KDTeacherSpec]:
                 f"this teacher's outputs from its cache (maskteacher precompute CONFIG --teacher "
                 f"{entry.name} writes it)"
             )
+        ckpt_key = f"teachers[{index}].checkpoint"
         if _same_path(entry.cache_path, cfg.mask_teacher.cache_path):
-            out.append(KDTeacherSpec(entry.name, weight))
+            own = entry.checkpoint is not None
+            ckpt = (
+                (entry.checkpoint, ckpt_key) if own else (mt_ckpt, "mask_teacher.checkpoint_path")
+            )
+            out.append(KDTeacherSpec(entry.name, weight, None, None, *ckpt))
             continue
-        identity = _identity(
-            cfg,
-            f"teachers[{index}]",
-            resolve_teacher_type(entry),
-            entry.checkpoint,
-            type_key="type",
-        )
-        out.append(KDTeacherSpec(entry.name, weight, entry.cache_path, identity))
+        section, kind = f"teachers[{index}]", resolve_teacher_type(entry)
+        identity = _identity(cfg, section, kind, entry.checkpoint, type_key="type")
+        spec = (entry.name, weight, entry.cache_path, identity, entry.checkpoint, ckpt_key)
+        out.append(KDTeacherSpec(*spec))
     return out
+
+
+def _lambda_plateau(cfg: Config, blocks: list) -> LambdaPlateau | None:
+    dyn = cfg.distillation.dynamic_lambda
+    key = "distillation.dynamic_lambda.enable_plateau_scheduler"
+    if dyn.enable_plateau_scheduler and not cfg.dataset.val_dataset:
+        raise UserError(f"{key} is true but dataset.val_dataset is not set: it needs validation")
+    if dyn.enable_plateau_scheduler and not blocks:
+        raise UserError(f"{key} is true but no distillation block ever runs: nothing to scale")
+    return LambdaPlateau(dyn.patience, dyn.factor) if dyn.enable_plateau_scheduler else None
+
+
+def _check_losses(cfg: Config, epochs: EpochPlan, strategy, blocks: list, teachers) -> None:
+    """Refuse a run with an epoch range whose loss has no term with a non-zero weight."""
+    single = cfg.dataset.mode == "single"  # single mode has no unmatched prediction: no cls
+    refuse_silent_epochs(
+        epochs, cfg.train.epochs,
+        task_terms=tuple(k for k in epochs.loss_weights if not (single and k == "cls")),
+        always=getattr(strategy, "soft_weight", 0.0) > 0,
+        kd=any(b.weight > 0 for b in blocks) and any(t.weight > 0 for t in teachers),
+        blocks=bool(blocks),
+    )  # fmt: skip
 
 
 def visual_settings(cfg: Config) -> VisualSettings | None:

@@ -46,7 +46,9 @@ class Progress:
     epoch: the epoch in progress (or the next to run when ``batches_done == 0``); batches_done:
     micro-batches of ``epoch`` already trained (per rank); step: optimizer steps so far;
     micro_step: micro-batches so far; best_metric: best validation score (None before the first
-    validation); best_epoch; bad_validations: validations since the best (early stopping).
+    validation); best_epoch; bad_validations: validations since the best (early stopping);
+    lambda_scale / lambda_wait: ``distillation.dynamic_lambda``'s scale on ``lambda_coef`` and
+    its count of validations without improvement (a checkpoint without them resumes at 1 / 0).
     """
 
     epoch: int = 0
@@ -56,6 +58,8 @@ class Progress:
     best_metric: float | None = None
     best_epoch: int = -1
     bad_validations: int = 0
+    lambda_scale: float = 1.0
+    lambda_wait: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

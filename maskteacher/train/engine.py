@@ -3,7 +3,8 @@
 ``compute_loss`` runs the (wrapped) student on a device batch, hands the predictions to the
 supervision strategy and the auxiliary losses, and adds every weighted term in one place.
 ``train_one_epoch`` adds gradient accumulation (DDP ``no_sync`` between optimizer steps),
-clipping, the scheduler, logging and the mid-epoch checkpoint hook.
+clipping, the scheduler, logging and the mid-epoch checkpoint hook. :class:`TrainResult`
+collects what a run did; :class:`StopAfter` ends an epoch early (tests that interrupt a run).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -222,3 +224,42 @@ def train_one_epoch(
             mid_epoch = progress.batches_done < num_batches  # the epoch end saves anyway
             if on_checkpoint is not None and every and progress.step % every == 0 and mid_epoch:
                 on_checkpoint()
+
+
+@dataclass
+class TrainResult:
+    """What a run did: per-micro-batch losses and mean matched IoU (this rank; NaN when nothing
+    matched), validation scores by epoch, files."""
+
+    losses: list[float] = field(default_factory=list)
+    matched_iou: list[float] = field(default_factory=list)
+    val_scores: list[tuple[int, float]] = field(default_factory=list)
+    best_metric: float | None = None
+    stopped_early: bool = False
+    epochs_done: int = 0
+    save_dir: Path | None = None
+    export_path: Path | None = None
+    is_main: bool = True
+
+    def record(self, step: StepResult) -> None:
+        self.losses.append(float(step.total.detach()))
+        matched = step.stats.get("matched", 0.0)
+        iou = step.stats.get("matched_iou_sum", 0.0) / matched if matched else float("nan")
+        self.matched_iou.append(iou)
+
+
+class StopAfter:
+    """Iterates a loader but ends the epoch early once ``stop_after`` optimizer steps are done."""
+
+    def __init__(self, inner, progress: Progress, stop_after: int | None) -> None:
+        self.inner = inner
+        self.progress = progress
+        self.stop_after = stop_after
+        self.stopped = False
+
+    def __iter__(self):
+        for batch in self.inner:
+            if self.stop_after is not None and self.progress.step >= self.stop_after:
+                self.stopped = True
+                return
+            yield batch

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from maskteacher.errors import UserError
 from maskteacher.train.data.prompts import EverythingPromptSpec, PromptSpec
 from maskteacher.train.data.teacher_cache import TeacherIdentity
 from maskteacher.train.engine import LoopSettings
-from maskteacher.train.schedule import EpochPlan
+from maskteacher.train.schedule import EpochPlan, LambdaPlateau
 from maskteacher.train.supervision.base import SupervisionStrategy
 from maskteacher.train.visual import VisualSettings
 
@@ -107,12 +108,16 @@ class OnlineTeacherSpec:
 @dataclass(frozen=True)
 class KDTeacherSpec:
     """A distillation teacher: its name, weight, and its own cache (None: the batch's teacher,
-    read with the batch) with what that cache must have been made with."""
+    read with the batch) with what that cache must have been made with; checkpoint /
+    checkpoint_key: the teacher's weights file and its config key -- where the prompt-dependent
+    blocks take its decoder from when its cache holds none."""
 
     name: str
     weight: float
     cache_path: str | None = None
     identity: TeacherIdentity | None = None
+    checkpoint: str | None = None
+    checkpoint_key: str = "mask_teacher.checkpoint_path"
 
 
 @dataclass
@@ -122,8 +127,9 @@ class RunPlan:
     teacher_fields: the fields the batch's (mask) teacher must carry -- the strategy's, the
     teacher prompt source's ``points`` and distillation's; online: the online teacher that
     provides them when no cache is configured (None: the cache provides them, if any are
-    needed); kd_blocks: the enabled distillation blocks (empty: none); config / config_text: the
-    resolved config as plain data and as YAML (kept with checkpoints and in the run folder).
+    needed); kd_blocks: the enabled distillation blocks (empty: none); lambda_plateau:
+    ``distillation.dynamic_lambda`` (None: off); config / config_text: the resolved config as
+    plain data and as YAML (kept with checkpoints and in the run folder).
     """
 
     settings: RunSettings
@@ -139,3 +145,48 @@ class RunPlan:
     visual: VisualSettings | None
     config: dict[str, Any]
     config_text: str
+    lambda_plateau: LambdaPlateau | None = None
+
+
+def refuse_silent_epochs(
+    epochs: EpochPlan,
+    total: int,
+    *,
+    task_terms: tuple[str, ...],
+    always: bool,
+    kd: bool,
+    blocks: bool,
+) -> None:
+    """UserError naming the first epoch range whose loss has no term with a non-zero weight.
+
+    epochs / total: the run's epoch plan and ``train.epochs``; task_terms: the task terms the
+    strategy computes (their weights come from each epoch's ``loss_weights``); always: a term
+    whose weight never changes is non-zero (dual_supervision's ``soft``); kd: the enabled
+    distillation blocks and teachers have a non-zero weight (each epoch's switch and
+    ``lambda_coef`` decide); blocks: some distillation block is enabled.
+    """
+    if always:
+        return
+
+    def silent(epoch: int) -> bool:
+        at = epochs.at(epoch)
+        live = any(at.loss_weights.get(k, 0.0) > 0 for k in task_terms)
+        return not live and not (kd and at.distillation and at.lambda_coef > 0)
+
+    def cover(epoch: int) -> list[int]:
+        return [i for i, st in enumerate(epochs.stages) if st.start <= epoch < st.end]
+
+    first = next((e for e in range(total) if silent(e)), None)
+    if first is None:
+        return
+    end = first + 1
+    while end < total and silent(end) and cover(end) == cover(first):
+        end += 1
+    names = [f"stage_schedule[{i}] '{epochs.stages[i].name}'" for i in cover(first)]
+    kd_text = "distillation is off or its lambda_coef is 0" if kd else "distillation is off"
+    raise UserError(
+        f"{', '.join(names) or 'train.loss_weights (no stage)'}, epochs {first}-{end}: no loss "
+        f"term has a non-zero weight (train.loss_weights {', '.join(task_terms)} are 0 there and "
+        f"{kd_text}{'' if blocks else ', no distillation block is enabled'}); nothing would "
+        "train -- give a term a weight or enable a distillation block"
+    )

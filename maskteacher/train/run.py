@@ -7,10 +7,11 @@ Everything the config says arrives through :mod:`.builders`; this module never r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,13 @@ from maskteacher.train.checkpoint import (
     restore_rng,
 )
 from maskteacher.train.data.sampler import batches_per_epoch
-from maskteacher.train.engine import StepParts, StepResult, step_generator, train_one_epoch
+from maskteacher.train.engine import (
+    StepParts,
+    StopAfter,
+    TrainResult,
+    step_generator,
+    train_one_epoch,
+)
 from maskteacher.train.logger import TrainLogger
 from maskteacher.train.plan import RunPlan, RunSettings
 from maskteacher.train.run_folder import RunLock, check_save_dir, remove_stale_temp, writing
@@ -49,28 +56,6 @@ LAST = "last.pt"
 BEST = "best.pt"
 EXPORT = "student_official.pth"
 RESOLVED_CONFIG = "config.yaml"
-
-
-@dataclass
-class TrainResult:
-    """What a run did: per-micro-batch losses and mean matched IoU (this rank; NaN when nothing
-    matched), validation scores by epoch, files."""
-
-    losses: list[float] = field(default_factory=list)
-    matched_iou: list[float] = field(default_factory=list)
-    val_scores: list[tuple[int, float]] = field(default_factory=list)
-    best_metric: float | None = None
-    stopped_early: bool = False
-    epochs_done: int = 0
-    save_dir: Path | None = None
-    export_path: Path | None = None
-    is_main: bool = True
-
-    def record(self, step: StepResult) -> None:
-        self.losses.append(float(step.total.detach()))
-        matched = step.stats.get("matched", 0.0)
-        iou = step.stats.get("matched_iou_sum", 0.0) / matched if matched else float("nan")
-        self.matched_iou.append(iou)
 
 
 def train(cfg: Config, *, stop_after_steps: int | None = None) -> TrainResult:
@@ -161,7 +146,7 @@ class TrainingRun:
         paths = [x.path for x in sources if x] + [x.image_root for x in sources if x]
         check_save_dir(s.save_dir, dataset_paths=paths)
         hook = assemble.online_teacher(plan, device)
-        kd = assemble.feature_distillation(plan)
+        kd = assemble.feature_distillation(plan, device, online=hook)
         data = assemble.open_data(plan, info, device)
         pictures = assemble.validation_pictures(plan, info)
         torch.manual_seed(s.seed)
@@ -174,6 +159,7 @@ class TrainingRun:
             return_tokens=kd is not None and kd.needs_tokens,
             checkpoint_decoder=s.checkpoint_decoder,
             point_decoding=s.point_decoding,
+            return_features=kd is not None and kd.needs_features,
         )
         num_batches = batches_per_epoch(
             len(data.train_set), world_size=info.world_size, batch_size=s.batch_size
@@ -322,6 +308,9 @@ class TrainingRun:
         self._train_mode()
         self.data.sampler.set_epoch(epoch)
         self.data.sampler.set_skip(progress.batches_done * s.batch_size)
+        if self.plan.lambda_plateau is not None:  # dynamic_lambda scales the epoch's lambda_coef
+            scaled = settings.lambda_coef * progress.lambda_scale
+            settings = dataclasses.replace(settings, lambda_coef=scaled)
 
         def make_context(micro_step: int) -> StepContext:
             return StepContext(
@@ -334,7 +323,7 @@ class TrainingRun:
             )
 
         self.logger.start_epoch(epoch, self.num_batches, initial=progress.batches_done)
-        batches = _StopAfter(self.data.train_loader, progress, stop_after)
+        batches = StopAfter(self.data.train_loader, progress, stop_after)
         train_one_epoch(
             self.parts,
             batches,
@@ -372,6 +361,20 @@ class TrainingRun:
             )
         return stop
 
+    def plateau_step(self, score: float) -> None:
+        """``distillation.dynamic_lambda``: move the scale on lambda_coef by this validation."""
+        rule, progress = self.plan.lambda_plateau, self.progress
+        if rule is None:
+            return
+        improved = rule.improved(score, progress.best_metric)
+        before = progress.lambda_scale
+        progress.lambda_scale, progress.lambda_wait = rule.step(
+            before, progress.lambda_wait, improved
+        )
+        self.logger.scalar("distill/lambda_scale", progress.lambda_scale, progress.step)
+        if progress.lambda_scale != before:
+            self.logger.message(f"dynamic_lambda: lambda_coef x{progress.lambda_scale:.4g}")
+
     def validate_and_track(self, epoch: int) -> bool:
         """Validate, keep best.pt, update early stopping; returns True when training should stop."""
         s, progress = self.settings, self.progress
@@ -386,6 +389,7 @@ class TrainingRun:
         self.result.val_scores.append((epoch, score))
         self.logger.scalar("val/best_match_iou", score, progress.step)
         self.logger.message(f"epoch {epoch}: validation best-match IoU {score:.4f}")
+        self.plateau_step(score)
         if progress.best_metric is None or score > progress.best_metric:
             progress.best_metric = score
             progress.best_epoch = epoch
@@ -395,20 +399,3 @@ class TrainingRun:
         progress.bad_validations += 1
         patience = s.early_stop_patience
         return patience > 0 and progress.bad_validations >= patience
-
-
-class _StopAfter:
-    """Iterates a loader but ends the epoch early once ``stop_after`` optimizer steps are done."""
-
-    def __init__(self, inner, progress: Progress, stop_after: int | None) -> None:
-        self.inner = inner
-        self.progress = progress
-        self.stop_after = stop_after
-        self.stopped = False
-
-    def __iter__(self):
-        for batch in self.inner:
-            if self.stop_after is not None and self.progress.step >= self.stop_after:
-                self.stopped = True
-                return
-            yield batch

@@ -163,3 +163,35 @@ class EpochPlan:
             stages=list(self.stages),
             freeze=self.freeze,
         )
+
+
+# ------------------------------------------------------------------ dynamic lambda (plateau)
+
+
+@dataclass(frozen=True)
+class LambdaPlateau:
+    """``distillation.dynamic_lambda``: a scale on ``lambda_coef`` moved by validation.
+
+    After ``patience`` validations in a row without improvement the scale is multiplied by
+    ``factor`` (never below ``floor``); a validation that improves on the best score by more
+    than ``min_delta`` divides it by ``factor`` (never above 1, i.e. the configured or stage's
+    ``lambda_coef``) and resets the count. The state (scale, count) lives in the checkpoint's
+    :class:`~maskteacher.train.checkpoint.Progress`.
+    """
+
+    patience: int
+    factor: float
+    floor: float = 1e-3
+    min_delta: float = 1e-4
+
+    def improved(self, score: float, best: float | None) -> bool:
+        return best is None or score > best + self.min_delta
+
+    def step(self, scale: float, wait: int, improved: bool) -> tuple[float, int]:
+        """(new scale, new count of validations without improvement)."""
+        if improved:
+            return min(scale / self.factor, 1.0), 0
+        wait += 1
+        if wait >= self.patience:
+            return max(scale * self.factor, self.floor), 0
+        return scale, wait

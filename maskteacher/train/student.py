@@ -37,6 +37,7 @@ from maskteacher.models.decode import (
     run_decoder,
     upscale_masks,
 )
+from maskteacher.models.prompt_features import decode_prompt_batch
 from maskteacher.models.upscale import check_pixel_local, logits_at
 from maskteacher.train.data.batch import Batch
 
@@ -125,7 +126,9 @@ class Predictions:
     logits: (P, K, L, L); iou_pred: (P, K); tokens: (P, K, C) or None; embeddings: (B, C, E, E)
     image-encoder output (feature distillation reads it). point_head: set under point-sampled
     decoding, when ``logits`` come from a no-grad pass (matching, IoU targets) and the losses'
-    gradients flow through :meth:`PointHead.logits_at` only.
+    gradients flow through :meth:`PointHead.logits_at` only. mask_tokens: (P, 4, C) every mask
+    token's output and image_tokens: (P, C, E, E) the decoder transformer's prompt-conditioned
+    image embedding, or None (asked for by the prompt-dependent distillation blocks).
     """
 
     logits: torch.Tensor
@@ -133,6 +136,8 @@ class Predictions:
     tokens: torch.Tensor | None
     embeddings: torch.Tensor
     point_head: PointHead | None = None
+    mask_tokens: torch.Tensor | None = None
+    image_tokens: torch.Tensor | None = None
 
     @property
     def masks_per_prompt(self) -> int:
@@ -162,6 +167,9 @@ class StudentForward(nn.Module):
     three more outputs follow: the transformer output ``src`` (P, C, E, E), ``hyper_in``
     (P, K, C/8) and the upscaling's parameters (as views, so that DDP counts them as used);
     :func:`run_forward` turns them into a :class:`PointHead`.
+    With ``return_features`` it decodes with :func:`~maskteacher.models.prompt_features.
+    decode_prompt_batch` (the same values) and also returns ``(mask_tokens, image_tokens)``;
+    point decoding is then off (the blocks read every prompt's dense logits with gradients).
     """
 
     def __init__(
@@ -173,6 +181,7 @@ class StudentForward(nn.Module):
         return_tokens: bool = False,
         checkpoint_decoder: bool = False,
         point_decoding: bool = False,
+        return_features: bool = False,
     ) -> None:
         super().__init__()
         self.sam = sam
@@ -180,8 +189,9 @@ class StudentForward(nn.Module):
         self.points_per_batch = points_per_batch
         self.return_tokens = return_tokens
         self.checkpoint_decoder = checkpoint_decoder
-        self.point_decoding = point_decoding
-        if point_decoding:
+        self.return_features = return_features
+        self.point_decoding = point_decoding and not return_features
+        if self.point_decoding:
             check_pixel_local(sam.mask_decoder.output_upscaling)
 
     def forward(
@@ -195,6 +205,13 @@ class StudentForward(nn.Module):
         prompt_image: torch.Tensor,
     ):
         embeddings = self.sam.image_encoder(preprocess(self.sam, images, input_hw))
+        if self.return_features:
+            f = decode_prompt_batch(
+                self.sam, embeddings, points=points, labels=labels, boxes=boxes, has_box=has_box,
+                prompt_image=prompt_image, multimask_output=self.multimask_output,
+                chunk=self.points_per_batch,
+            )  # fmt: skip
+            return embeddings, f.low_res_logits, f.iou_pred, f.tokens, f.mask_tokens, f.image_tokens
         simple = points.shape[1] == 1 and boxes is None
         if simple:
             out = self._chunks(embeddings, points[:, 0, :], None, None, prompt_image)
@@ -307,11 +324,17 @@ def run_forward(module: nn.Module, batch: Batch) -> Predictions:
         batch.has_box,
         batch.prompt_image,
     )
+    inner = _unwrap(module)
+    if inner.return_features:
+        emb, logits, iou, tokens, mask_tokens, image_tokens = out
+        return Predictions(
+            logits, iou, tokens, emb, mask_tokens=mask_tokens, image_tokens=image_tokens
+        )
     emb, logits, iou, tokens = out[:4]
     head = None
-    if len(out) > 4:
+    if inner.point_decoding:
         src, hyper_in, views = out[4:]
-        upscaling = _unwrap(module).sam.mask_decoder.output_upscaling
+        upscaling = inner.sam.mask_decoder.output_upscaling
         names = [name for name, _ in upscaling.named_parameters()]
         device = batch.images.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None

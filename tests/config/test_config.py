@@ -239,13 +239,19 @@ def test_origin_style_config_loads(tmp_path: Path) -> None:
 
 
 def test_origin_unused_keys_warn_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    text = "distillation:\n  encoder_patch:\n    enable: true\n  dense_mask_logits:\n    enable: true\n"
+    # the origin's feature-dump keys have no effect here (teachers are read from caches); the
+    # origin's four blocks and dynamic_lambda are implemented and not named
+    text = (
+        "distillation:\n  use_precomputed_features: false\n  precomputed_root: feats\n"
+        "  encoder_patch:\n    enable: true\n  dynamic_lambda:\n    patience: 2\n"
+    )
     with caplog.at_level("WARNING"):
         load_config(write(tmp_path, "c.yaml", text))
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1
-    assert "distillation.encoder_patch.enable" in warnings[0]
-    assert "distillation.dense_mask_logits.enable" in warnings[0]
+    assert "distillation.use_precomputed_features" in warnings[0]
+    assert "distillation.precomputed_root" in warnings[0]
+    assert "encoder_patch" not in warnings[0] and "dynamic_lambda" not in warnings[0]
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import operator
 import os
 import sys
@@ -18,8 +19,16 @@ from maskteacher.errors import UserError
 from maskteacher.models.everything import GenerationParams
 from maskteacher.train import builders
 from maskteacher.train.data.online_teacher import MASK_FIELDS
+from maskteacher.train.data.teacher_cache import TeacherIdentity
 from maskteacher.train.distill.blocks import EncoderMatching
+from maskteacher.train.distill.prompt_blocks import (
+    DecoderMaskToken,
+    DenseMaskLogits,
+    EncoderPatch,
+    PromptEmbed,
+)
 from maskteacher.train.plan import KDTeacherSpec
+from maskteacher.train.schedule import LambdaPlateau, Stage
 from maskteacher.train.supervision.gt import GTSupervision, SingleSupervision
 from maskteacher.train.supervision.mask_teacher import DualSupervision, ReplaceGTSupervision
 
@@ -104,6 +113,28 @@ def empty_cwd(tmp_path, monkeypatch) -> Path:
 
 # ---------------------------------------------------------------------- the shipped configs
 
+LOSS_KEYS = ("bce", "focal", "dice", "iou", "cls")
+ORIGIN_BLOCKS = [
+    EncoderPatch(w_l2=1.0, w_cos=1.0, weight=1.0),
+    PromptEmbed(w_mse=0.7, w_cos=0.3, weight=1.0),
+    DecoderMaskToken(w_kl=1.0, temperature=0.5, weight=1.0),
+    DenseMaskLogits(w_kl=0.6, w_focal=0.4, gamma=2.0, weight=1.0),
+]
+
+
+def origin_identity(name: str, kind: str, index: int = 0) -> TeacherIdentity:
+    """What the origin example's teacher cache must have been made with."""
+    checkpoint = {
+        "sam_h": "./weights/sam_vit_h_4b8939.pth",
+        "mobile_sam": "./weights/mobile_sam.pt",
+    }
+    return TeacherIdentity(
+        where=f"teachers[{index}].cache_path", teacher_type=kind, type_key=f"teachers[{index}].type",
+        checkpoint=checkpoint[name], checkpoint_key=f"teachers[{index}].checkpoint",
+        image_size=1024, generation=GenerationParams(),
+    )  # fmt: skip
+
+
 # file -> (strategy class, teacher fields, online teacher, kd blocks, further plan values)
 EXPECTED = {
     "mobilesam_single.json": (
@@ -112,6 +143,50 @@ EXPECTED = {
         False,
         [],
         {"settings.image_size": 1024, "visual.every": 1, "visual.iou_threshold": 0.5},
+    ),
+    "origin_distill_then_finetune.json": (
+        SingleSupervision,
+        set(),  # each teacher is read from its own cache
+        False,
+        ORIGIN_BLOCKS,
+        {
+            "kd_teachers": [
+                KDTeacherSpec(
+                    "sam_h",
+                    0.7,
+                    "./caches/sam_h",
+                    origin_identity("sam_h", "vit_h"),
+                    "./weights/sam_vit_h_4b8939.pth",
+                    "teachers[0].checkpoint",
+                ),
+                KDTeacherSpec(
+                    "mobile_sam",
+                    0.3,
+                    "./caches/mobile_sam",
+                    origin_identity("mobile_sam", "vit_t", 1),
+                    "./weights/mobile_sam.pt",
+                    "teachers[1].checkpoint",
+                ),
+            ],
+            "epochs.distillation": False,
+            "epochs.stages": (
+                Stage("distill_only", 0, 100, dict.fromkeys(LOSS_KEYS, 0.0), True, None),
+                Stage("finetune", 100, 200, {}, False, None),
+            ),
+            "lambda_plateau": None,
+            "prompts.settings.mode": "mixed",
+        },
+    ),  # fmt: skip
+    "origin_mobilesam_distill.json": (
+        SingleSupervision,
+        set(),
+        False,
+        ORIGIN_BLOCKS,
+        {
+            "epochs.distillation": True,
+            "lambda_plateau": LambdaPlateau(patience=5, factor=0.5),
+            "data.val.path": "./datasets/val",
+        },
     ),
     "sam_h_to_mobilesam_dual_kl.json": (
         DualSupervision,
@@ -122,7 +197,9 @@ EXPECTED = {
             "strategy.soft_type": "kl",
             "strategy.soft_weight": 0.3,
             "strategy.iou_threshold": 0.3,
-            "kd_teachers": [KDTeacherSpec("mask_teacher", 1.0)],
+            "kd_teachers": [
+                KDTeacherSpec("mask_teacher", 1.0, checkpoint="./weights/sam_vit_h_4b8939.pth")
+            ],
             "data.cache_path": "./caches/sam_h_coco",
             "settings.loop.bf16": True,
         },
@@ -257,3 +334,132 @@ def test_distillation_teacher_without_cache_is_one_line(empty_cwd, monkeypatch):
         builders.bind(cfg)
     message = str(info.value)
     assert "\n" not in message and "teachers 'x': cache_path is not set" in message
+
+
+# --------------------------------------------------------------- no silent no-op runs (bind)
+
+
+def _origin(**sections) -> dict:
+    """An origin-style single-mode config with two cached teachers (paths lead nowhere)."""
+    blocks = ("encoder_patch", "prompt_embed", "decoder_mask_token", "dense_mask_logits")
+    data = {
+        "dataset": {"train_dataset": "data/train", "val_dataset": "data/val", "mode": "single"},
+        "model": {"type": "vit_t", "image_size": 1024},
+        "train": {"epochs": 4},
+        "distillation": {"enable": False, **{b: {"enable": True} for b in blocks}},
+        "teachers": [
+            {"name": "sam_h", "type": "vit_h", "weight": 0.7, "cache_path": "c/sam_h"},
+            {"name": "mobile_sam", "type": "vit_t", "weight": 0.3, "cache_path": "c/mobile_sam"},
+        ],
+        "stage_schedule": [
+            {"name": "distill_only", "start_epoch": 0, "end_epoch": 2, "distillation": True,
+             "loss_weights": {"bce": 0, "focal": 0, "dice": 0, "iou": 0, "cls": 0}},
+            {"name": "finetune", "start_epoch": 2, "distillation": False},
+        ],
+    }  # fmt: skip
+    for key, value in sections.items():
+        section, _, name = key.partition("__")
+        if name:
+            data[section][name] = value
+        else:
+            data[section] = value
+    return data
+
+
+def _bind(tmp_path, monkeypatch, data: dict):
+    path = tmp_path / "origin.json"
+    path.write_text(json.dumps(data))
+    cfg = load_config(path)
+    with no_file_access(monkeypatch):
+        return builders.bind(cfg)
+
+
+def test_origin_distill_then_finetune_binds(tmp_path, monkeypatch):
+    plan = _bind(tmp_path, monkeypatch, _origin())
+    assert [b.term for b in plan.kd_blocks] == [
+        "encoder_patch", "prompt_embed", "decoder_mask_token", "dense_mask_logits"
+    ]  # fmt: skip
+    assert [(t.name, t.weight) for t in plan.kd_teachers] == [("sam_h", 0.7), ("mobile_sam", 0.3)]
+    assert plan.epochs.at(0).distillation and not plan.epochs.at(2).distillation
+    assert plan.lambda_plateau is None and plan.online is None
+
+
+@pytest.mark.parametrize(
+    "sections, needles",
+    [
+        (  # the origin's case: the blocks off, the distill-only stage trains nothing
+            {"distillation": {"enable": False}},
+            ["stage_schedule[0] 'distill_only', epochs 0-2", "no distillation block is enabled"],
+        ),
+        (  # the blocks on but lambda_coef 0 in the stage
+            {
+                "stage_schedule": [
+                    {
+                        "name": "kd",
+                        "start_epoch": 1,
+                        "end_epoch": 3,
+                        "distillation": True,
+                        "lambda_coef": 0.0,
+                        "loss_weights": dict.fromkeys(["bce", "focal", "dice", "iou"], 0.0),
+                    }
+                ]
+            },  # noqa: E501
+            ["stage_schedule[0] 'kd', epochs 1-3", "lambda_coef is 0"],
+        ),  # fmt: skip
+        (  # every teacher weighs 0
+            {"teachers": [{"name": "t", "type": "vit_t", "weight": 0.0, "cache_path": "c/t"}]},
+            ["stage_schedule[0] 'distill_only', epochs 0-2", "distillation is off"],
+        ),
+        (  # no stage: every task weight 0 and distillation off
+            {
+                "stage_schedule": [],
+                "train__loss_weights": {"bce": 0, "focal": 0, "dice": 0, "iou": 0},
+            },
+            ["train.loss_weights (no stage), epochs 0-4", "bce, focal, dice, iou are 0"],
+        ),
+        (
+            {
+                "distillation__dynamic_lambda": {"enable_plateau_scheduler": True},
+                "dataset__val_dataset": None,
+            },
+            [
+                "distillation.dynamic_lambda.enable_plateau_scheduler",
+                "dataset.val_dataset is not set",
+            ],
+        ),  # fmt: skip
+        (
+            {"train__checkpoint_decoder": True},
+            ["train.checkpoint_decoder: true cannot be combined", "prompt_embed"],
+        ),
+        (
+            {"teachers": [{"name": "hq", "type": "vit_h_hq", "cache_path": "c/hq"}]},
+            ["dense_mask_logits cannot use the SAM-HQ teacher teachers[0].type = vit_h_hq"],
+        ),
+    ],
+)
+def test_silent_or_impossible_runs_are_refused_at_bind(sections, needles, tmp_path, monkeypatch):
+    data = _origin(**sections)
+    if "distillation" in sections:  # keep the blocks' sections, switch only what is given
+        data["distillation"] = {**_origin()["distillation"], **sections["distillation"]}
+        data["distillation"].update({k: {"enable": False} for k in list(data["distillation"])
+                                     if k.endswith(("patch", "embed", "token", "logits"))})  # fmt: skip
+    with pytest.raises(UserError) as info:
+        _bind(tmp_path, monkeypatch, data)
+    message = str(info.value)
+    assert "\n" not in message and all(n in message for n in needles), message
+
+
+def test_dynamic_lambda_without_any_block_is_refused(tmp_path, monkeypatch):
+    data = _origin(stage_schedule=[])
+    data["distillation"] = {"dynamic_lambda": {"enable_plateau_scheduler": True}}
+    with pytest.raises(UserError, match="no distillation block ever runs"):
+        _bind(tmp_path, monkeypatch, data)
+
+
+def test_a_soft_loss_alone_is_a_loss(tmp_path, monkeypatch):
+    # dual_supervision's soft term has its own weight: zero task weights still train something
+    data = _origin(stage_schedule=[], teachers=[], distillation={"enable": False})
+    data["dataset"]["mode"] = "everything"
+    data["train"]["loss_weights"] = dict.fromkeys(["bce", "focal", "dice", "iou", "cls"], 0.0)
+    data["mask_teacher"] = {"enable": True, "method": "dual_supervision", "cache_path": "c/m"}
+    assert _bind(tmp_path, monkeypatch, data).strategy.soft_weight == 0.5

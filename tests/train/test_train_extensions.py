@@ -148,6 +148,7 @@ class MeanMatchingSection:
 def test_shipped_blocks_in_order():
     assert list(BLOCKS) == [
         "encoder_matching", "attention_matching", "relational_KD", "decoder_matching",
+        "encoder_patch", "prompt_embed", "decoder_mask_token", "dense_mask_logits",
     ]  # fmt: skip
     assert BLOCKS["encoder_matching"] is EncoderMatching
 

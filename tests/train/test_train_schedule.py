@@ -10,6 +10,7 @@ import torch
 from maskteacher.models import build_sam
 from maskteacher.train.schedule import (
     Freeze,
+    LambdaPlateau,
     Stage,
     build_optimizer,
     build_scheduler,
@@ -114,3 +115,18 @@ def test_optimizer_is_fused_adamw_and_steps_like_the_single_tensor_loop():
         single.step()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         assert float((a - b).abs().max()) <= 1e-6 * max(1.0, float(b.abs().max()))
+
+
+def test_lambda_plateau_by_hand():
+    rule = LambdaPlateau(patience=2, factor=0.5)
+    scale, wait = 1.0, 0
+    steps = []
+    for score, best in [(0.5, None), (0.5, 0.5), (0.4, 0.5), (0.45, 0.5), (0.5, 0.5), (0.6, 0.5)]:
+        scale, wait = rule.step(scale, wait, rule.improved(score, best))
+        steps.append((scale, wait))
+    # first: an improvement (no best yet) keeps the scale at its cap 1; then two plateaus in a
+    # row halve it; two more halve it again; an improvement (by more than 1e-4) doubles it
+    assert steps == [(1.0, 0), (1.0, 1), (0.5, 0), (0.5, 1), (0.25, 0), (0.5, 0)]
+    assert not rule.improved(0.50005, 0.5) and rule.improved(0.5002, 0.5)
+    floor = LambdaPlateau(patience=0, factor=0.1)
+    assert floor.step(0.002, 0, False) == (1e-3, 0)  # never below 1e-3 of lambda_coef

@@ -11,7 +11,9 @@ Cached and online teachers give the same targets (up to the cache's logit codec)
 teacher runs on the *unflipped* image and its logits and points are mirrored exactly as the
 dataset mirrors cached ones (:func:`maskteacher.train.data.dataset.flip_teacher`), and with a
 teacher prompt source it makes the prompts the dataset would have made, replaying each item's
-generator from its key (:attr:`~maskteacher.train.data.batch.TrainSample.key`).
+generator from its key (:attr:`~maskteacher.train.data.batch.TrainSample.key`). When only the
+image embedding is asked for (``provides == {"embedding"}``: distillation alone, e.g. in single
+mode), only the image encoder runs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from maskteacher.data import hflip_input
 from maskteacher.models import build_sam
-from maskteacher.models.everything import EverythingOutput, generate_everything
+from maskteacher.models.everything import EverythingOutput, encode_images, generate_everything
 from maskteacher.train.data.batch import Batch, TeacherTargets, TrainSample, collate
 from maskteacher.train.data.dataset import flip_teacher, item_flip, item_rng
 from maskteacher.train.data.prompts import EverythingPromptSpec
@@ -109,6 +111,10 @@ class OnlineTeacher:
             images = torch.stack(
                 [hflip_input(img, hw[i]) if flipped[i] else img for i, img in enumerate(images)]
             )
+        if not self.provides & MASK_FIELDS:  # the embedding alone: the image encoder only
+            emb = encode_images(self.model, images, batch.input_hw, bf16=self.generation["bf16"])
+            targets = [TeacherTargets(embedding=e) for e in emb]
+            return [flip_teacher(t, hw[i]) if flipped[i] else t for i, t in enumerate(targets)]
         outs = generate_everything(
             self.model,
             images,

@@ -11,6 +11,12 @@ field, the cache's value and the config key with its value.
 :class:`CacheTeacherReader` reads one feature-distillation teacher (a ``teachers[]`` entry with
 its own cache) for the images of a batch in the training process; the mask teacher's outputs
 come with the batch instead (:mod:`.cache`).
+
+:func:`load_teacher_decoder` gives the prompt-dependent distillation blocks the teacher's prompt
+encoder + mask decoder for a cache's embeddings: from the cache itself (``teacher_decoder.npz``,
+sha256-checked -- a shared cache is self-contained) or else from the teacher's checkpoint file,
+whose sha256 must be the cache header's (a decoder of another teacher would not fit the cached
+embeddings). The image encoder is never built.
 """
 
 from __future__ import annotations
@@ -32,9 +38,10 @@ from maskteacher.cache_format import (
     open_cache,
 )
 from maskteacher.errors import UserError
-from maskteacher.models import HQ_TYPES, HQ_VARIANTS, sha256_file
+from maskteacher.models import HQ_TYPES, HQ_VARIANTS, read_state_dict, sha256_file
 from maskteacher.models.everything import GenerationParams
 from maskteacher.models.hq import built_teacher_type
+from maskteacher.models.prompt_decoder import PromptDecoder, load_prompt_decoder
 from maskteacher.train.data.batch import TeacherTargets
 
 log = logging.getLogger(__name__)
@@ -208,3 +215,40 @@ class CacheTeacherReader:
             teacher_from_record(rec, self.fields, self.scale).to(device, non_blocking=True)
             for rec in records
         ]
+
+
+def load_teacher_decoder(
+    reader: CacheReader, *, where: str, checkpoint: str | None, checkpoint_key: str
+) -> PromptDecoder:
+    """The prompt encoder + mask decoder of the teacher that made the cache ``reader`` (module
+    docstring), frozen, in eval mode, on the CPU. where / checkpoint_key: the config keys
+    naming the cache and the teacher's checkpoint (for errors); one UserError line when
+    neither source has the weights or the checkpoint is another teacher's."""
+    header, path = reader.header, reader.source.describe()
+    try:
+        arrays = reader.decoder_weights()
+    except CacheError as exc:
+        raise UserError(f"{where}: {exc}") from None
+    if arrays is not None:
+        state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        source = f"{where} {path}: teacher_decoder.npz"
+    elif checkpoint is not None and Path(checkpoint).is_file():
+        digest = sha256_file(checkpoint)
+        if digest != header.checkpoint_sha256:
+            raise UserError(
+                f"{checkpoint_key} {checkpoint} has sha256 {digest[:16]}..., but the cache {path} "
+                f"was made by the teacher of sha256 {header.checkpoint_sha256[:16]}...: its "
+                f"decoder would not fit the cached embeddings; set {checkpoint_key} to the "
+                "checkpoint that made the cache"
+            )
+        state, source = read_state_dict(checkpoint), f"{checkpoint_key} {checkpoint}"
+    else:
+        have = "not set" if checkpoint is None else f"{checkpoint}, which does not exist"
+        raise UserError(
+            f"{where} {path}: the prompt-dependent distillation blocks run the teacher's prompt "
+            "encoder + mask decoder on the cached embeddings, but the cache holds no "
+            f"teacher_decoder.npz (made without precompute.store.embedding, or before it was "
+            f"stored) and {checkpoint_key} is {have}; set {checkpoint_key} to the checkpoint "
+            "that made the cache, or precompute it again"
+        )
+    return load_prompt_decoder(header.teacher_type, header.image_size, state, source=source)

@@ -1,7 +1,11 @@
 """The feature-distillation blocks (``distillation.<block>``) as plain data.
 
 Each block is a frozen dataclass whose fields are its config sub-keys (``weight`` included) and
-whose call turns one teacher's view of the batch (:class:`TeacherView`) into one loss value:
+whose call turns one teacher's view of the batch (:class:`~.view.TeacherView`) into one loss
+value. Class attributes say what it reads: ``fields`` (the teacher's cached fields),
+``needs_tokens`` (the student's selected decoder tokens), and optionally (False when absent)
+``needs_features`` (the student's mask tokens and prompt-conditioned embedding) and
+``needs_decoder`` (the teacher's decoding of the batch's prompts). The blocks here:
 
 - ``encoder_matching``: ``lambda_mse * MSE + lambda_kl * spatial KL(T)`` of the student's image
   embedding (B, C, E, E) against the teacher's, mean over images;
@@ -16,6 +20,9 @@ whose call turns one teacher's view of the batch (:class:`TeacherView`) into one
   matching when it made one for this teacher (replace_gt, dual_supervision), otherwise a
   Hungarian student <-> teacher matching on IoU with ``iou_threshold``.
 
+The origin's four blocks (``encoder_patch``, ``prompt_embed``, ``decoder_mask_token``,
+``dense_mask_logits``) are in :mod:`.prompt_blocks`.
+
 :data:`BLOCKS` maps the config key to the class, in the order the terms are computed and added.
 Adding a block is one class and one entry (and its config section). Student and teacher
 embeddings or tokens of different shapes are an error naming both shapes -- never broadcast.
@@ -24,54 +31,20 @@ embeddings or tokens of different shapes are an error naming both shapes -- neve
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
-from maskteacher.errors import UserError
-from maskteacher.train.data.batch import Batch, TeacherTargets
 from maskteacher.train.distill import losses as dl
-from maskteacher.train.student import Predictions
-from maskteacher.train.supervision.base import StepContext, SupervisionOutput
+from maskteacher.train.distill.prompt_blocks import (
+    DecoderMaskToken,
+    DenseMaskLogits,
+    EncoderPatch,
+    PromptEmbed,
+)
+from maskteacher.train.distill.view import TeacherView, shape_error
 from maskteacher.train.supervision.criterion import pair_normalizer
 from maskteacher.train.supervision.pairs import image_predictions
 from maskteacher.train.supervision.teacher_match import match_to_teacher, teacher_masks
-
-
-@dataclass
-class TeacherView:
-    """What a block sees of one teacher for one micro-batch.
-
-    name: the teacher's name (for errors); targets: its B :class:`TeacherTargets`; from_batch:
-    whether they are the batch's own teacher (whose matches the strategy may have made).
-    """
-
-    name: str
-    targets: list[TeacherTargets]
-    from_batch: bool
-    preds: Predictions
-    batch: Batch
-    ctx: StepContext
-    supervision: SupervisionOutput
-
-    @cached_property
-    def student_embedding(self) -> torch.Tensor:
-        """(B, C, E, E) float32."""
-        return self.preds.embeddings.float()
-
-    @cached_property
-    def teacher_embedding(self) -> torch.Tensor:
-        """(B, C', E', E') float32 on the student's device."""
-        stacked = torch.stack([t.embedding for t in self.targets])
-        return stacked.to(self.preds.embeddings.device).float()
-
-
-def shape_error(block: str, what: str, student: torch.Tensor, teacher: torch.Tensor, name: str):
-    return UserError(
-        f"distillation.{block}: the student's {what} is {tuple(student.shape[1:])} but teacher "
-        f"'{name}' gives {tuple(teacher.shape[1:])}; they must match (same channels and "
-        "model.image_size) -- pick a student/teacher pair of equal width or disable the block"
-    )
 
 
 @dataclass(frozen=True)
@@ -84,6 +57,8 @@ class EncoderMatching:
     term = "encoder"
     fields = frozenset({"embedding"})
     needs_tokens = False
+    needs_features = False
+    needs_decoder = False
 
     def loss(self, student: torch.Tensor, teacher: torch.Tensor, name: str) -> torch.Tensor:
         """(B, C, E, E) embeddings -> () ``mean_b(lambda_mse * MSE + lambda_kl * KL)``."""
@@ -109,6 +84,8 @@ class AttentionMatching:
     term = "attention"
     fields = frozenset({"embedding"})
     needs_tokens = False
+    needs_features = False
+    needs_decoder = False
 
     def loss(self, student: torch.Tensor, teacher: torch.Tensor, name: str) -> torch.Tensor:
         """(B, Cs, E, E), (B, Ct, E, E) embeddings -> () ``lambda * mean_b KL``."""
@@ -131,6 +108,8 @@ class RelationalKD:
     term = "relational"
     fields = frozenset({"embedding"})
     needs_tokens = False
+    needs_features = False
+    needs_decoder = False
 
     def loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         """(B, Cs, E, E), (B, Ct, E', E') embeddings -> () RKD of the spatially pooled vectors."""
@@ -156,6 +135,8 @@ class DecoderMatching:
     term = "decoder"
     fields = frozenset({"logits", "tokens"})
     needs_tokens = True
+    needs_features = False
+    needs_decoder = False
 
     def pair_loss(self, student: torch.Tensor, teacher: torch.Tensor, name: str) -> torch.Tensor:
         """(N, C) matched token pairs -> (N,) ``lambda_mse * MSE + lambda_cos * (1 - cos) +
@@ -194,4 +175,10 @@ BLOCKS: dict[str, type] = {
     "attention_matching": AttentionMatching,
     "relational_KD": RelationalKD,
     "decoder_matching": DecoderMatching,
+    "encoder_patch": EncoderPatch,
+    "prompt_embed": PromptEmbed,
+    "decoder_mask_token": DecoderMaskToken,
+    "dense_mask_logits": DenseMaskLogits,
 }
+
+__all__ = ["BLOCKS", "TeacherView", "shape_error"]

@@ -5,7 +5,9 @@ mask teacher, or a ``teachers[]`` entry read from its own cache by a :data:`Teac
 each enabled block (:mod:`.blocks`, in :data:`~.blocks.BLOCKS` order), it adds the term
 ``kd/<teacher>/<block>`` with the weight ``lambda_coef * teacher weight * block weight``; the
 epoch's ``stage_schedule`` may switch the whole thing off (``ctx.settings.distillation``) or
-change ``lambda_coef``. Losses are computed in fp32 (outside autocast).
+change ``lambda_coef`` (which ``distillation.dynamic_lambda`` may scale down). Losses are
+computed in fp32 (outside autocast). A teacher whose blocks decode prompts carries its
+:class:`~.teacher_decoder.TeacherDecoder`, run once per step on the batch's prompts.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from maskteacher.train.data.batch import Batch, TeacherTargets
-from maskteacher.train.distill.blocks import TeacherView
+from maskteacher.train.distill.teacher_decoder import TeacherDecoder
+from maskteacher.train.distill.view import TeacherView
 from maskteacher.train.student import Predictions
 from maskteacher.train.supervision.base import StepContext, SupervisionOutput
 
@@ -33,13 +36,15 @@ def batch_teacher(batch: Batch) -> list[TeacherTargets]:
 
 @dataclass
 class KDTeacher:
-    """One distillation teacher: name, weight, where its outputs come from, and whether they
-    are the batch's own teacher."""
+    """One distillation teacher: name, weight, where its outputs come from, whether they are
+    the batch's own teacher, and its decoder for the prompt-dependent blocks (None: none of
+    the enabled blocks decodes prompts)."""
 
     name: str
     weight: float
     source: TeacherSource = batch_teacher
     from_batch: bool = True
+    decoder: TeacherDecoder | None = None
 
 
 class FeatureDistillation:
@@ -56,6 +61,10 @@ class FeatureDistillation:
         self.blocks = blocks
         self.teacher_fields = batch_fields
         self.needs_tokens = any(b.needs_tokens for b in blocks)
+        self.needs_features = any(getattr(b, "needs_features", False) for b in blocks)
+        missing = [t.name for t in teachers if t.decoder is None]
+        if any(getattr(b, "needs_decoder", False) for b in blocks) and missing:
+            raise ValueError(f"teachers {missing} have no decoder for the prompt blocks")
 
     def __call__(
         self, preds: Predictions, batch: Batch, ctx: StepContext, supervision: SupervisionOutput
@@ -74,6 +83,7 @@ class FeatureDistillation:
                     batch=batch,
                     ctx=ctx,
                     supervision=supervision,
+                    decoder=teacher.decoder,
                 )
                 for block in self.blocks:
                     key = f"kd/{teacher.name}/{block.term}"

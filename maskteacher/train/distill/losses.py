@@ -18,12 +18,23 @@ that its gradient scale does not depend on T:
   embedding vectors: pairwise distances normalised by their mean, and the cosines of the angles
   of every triplet of distinct images, compared with smooth L1. Both need at least 3 images
   (with 2 the normalised distance is always 1 and there is no triplet): fewer give exactly 0.
+
+The origin's four blocks (:mod:`.prompt_blocks`) add, per row of any shape (N, ...):
+
+- :func:`flat_cosine_loss` -- ``1 - cos`` of the two rows flattened to vectors;
+- :func:`normalised_mse` -- MSE of features L2-normalised over their channel dim (dim 1);
+- :func:`bernoulli_kl` -- per-pixel ``KL(sigmoid(t) || sigmoid(s))`` of mask logits (both
+  outcomes), mean over pixels;
+- :func:`soft_focal` -- the focal loss with a soft target ``q = sigmoid(t)``:
+  ``-[q (1 - p)^g log p + (1 - q) p^g log(1 - p)]``, ``p = sigmoid(s)``, mean over pixels.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from maskteacher.train.supervision.losses import soft_kl_teacher
 
 # ----------------------------------------------------------------------------- feature losses
 
@@ -118,3 +129,36 @@ def rkd_angle(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         t = _angles(teacher.float())
     return F.smooth_l1_loss(_angles(student.float()), t, reduction="mean")
+
+
+# -------------------------------------------------------------------- the origin's four blocks
+
+
+def flat_cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``1 - cos`` of each row flattened to a vector. (N, ...), (N, ...) -> (N,)."""
+    return cosine_loss(student.flatten(1), teacher.flatten(1))
+
+
+def normalised_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """MSE of L2-normalised features (over dim 1, the channels), mean over the rest.
+    (N, C, ...), (N, C, ...) -> (N,)."""
+    s = F.normalize(student.float(), dim=1)
+    t = F.normalize(teacher.detach().float(), dim=1)
+    return (s - t).pow(2).flatten(1).mean(-1)
+
+
+def bernoulli_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Per-pixel ``KL(sigmoid(t) || sigmoid(s))`` from logits (log-sigmoids: finite for any
+    logit), mean over pixels; gradient ``sigmoid(s) - sigmoid(t)``. (N, ...) x 2 -> (N,)."""
+    return soft_kl_teacher(student.flatten(1), teacher.flatten(1))
+
+
+def soft_focal(student: torch.Tensor, teacher: torch.Tensor, *, gamma: float) -> torch.Tensor:
+    """Focal loss of the student's logits against the soft target ``sigmoid(teacher)``, both
+    outcomes weighted by their own focusing term, mean over pixels. (N, ...) x 2 -> (N,)."""
+    s = student.float().flatten(1)
+    q = torch.sigmoid(teacher.detach().float().flatten(1))
+    p = torch.sigmoid(s)
+    positive = q * (1 - p).pow(gamma) * F.logsigmoid(s)
+    negative = (1 - q) * p.pow(gamma) * F.logsigmoid(-s)
+    return -(positive + negative).mean(-1)
