@@ -160,3 +160,22 @@ def test_training_curves_equal_dense():
             for a, b in zip(want, have):
                 x, y = float.fromhex(a), float.fromhex(b)
                 assert math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-6), (name, what, x, y)
+
+
+def test_the_distillation_blocks_features_turn_point_decoding_off():
+    """The prompt-dependent distillation blocks read every prompt's dense logits, mask tokens
+    and prompt-conditioned embedding with gradients: asking for them turns point decoding off,
+    and the dense logits are those of the plain decoder."""
+    sam = _model()
+    batch = _batch(3)
+    plain = StudentForward(sam, multimask_output=True, points_per_batch=4, point_decoding=False)
+    both = StudentForward(
+        sam, multimask_output=True, points_per_batch=4, point_decoding=True, return_features=True
+    )
+    assert not both.point_decoding
+    ref = run_forward(plain, batch)
+    got = run_forward(both, batch)
+    assert got.point_head is None and got.logits.requires_grad
+    assert got.mask_tokens.shape[:2] == (ref.logits.shape[0], 4)
+    assert got.image_tokens.shape[0] == ref.logits.shape[0]
+    torch.testing.assert_close(got.logits, ref.logits, rtol=1e-5, atol=1e-5)
