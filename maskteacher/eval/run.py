@@ -59,20 +59,7 @@ def evaluate_checkpoint(
     checkpoint: a training checkpoint (last.pt / best.pt) or an official flat state_dict for
     ``cfg.model.type``. split: "val" (dataset.val_dataset) or "train" (dataset.train_dataset).
     """
-    data_path = {"val": cfg.dataset.val_dataset, "train": cfg.dataset.train_dataset}.get(split)
-    if split not in ("val", "train"):
-        raise UserError(f"--split: got {split!r}; allowed: 'val', 'train'")
-    if not data_path:
-        raise UserError(f"dataset.{split}_dataset is not set: nothing to evaluate")
-    dataset = open_dataset(
-        data_path,
-        cfg.dataset.format,
-        skip_bad=cfg.dataset.skip_bad,
-        image_root=cfg.dataset.image_root,
-        include_crowd=cfg.dataset.include_crowd,
-    )
-    if len(dataset) == 0:
-        raise UserError(f"{data_path}: the dataset has no images")
+    dataset = _open_split(cfg, split)
     image_size = cfg.model.image_size
     dev = resolve_device(device or cfg.train.device, key="train.device")
     model = build_sam(
@@ -92,59 +79,87 @@ def evaluate_checkpoint(
     bar = tqdm(range(count), desc=f"eval {split}", unit="img", dynamic_ncols=True)
     for index in bar:
         sample = dataset[index]
-        orig_hw = sample.image.shape[:2]
-        image, input_hw = to_model_input(sample.image, image_size)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        start = time.perf_counter()
-        result = generate_everything(
-            model, image[None].to(dev), [input_hw], [orig_hw], **settings.generator_kwargs()
-        )[0]
-        masks = lowres_to_masks(
-            result.logits, image_size=image_size, input_hw=input_hw, orig_hw=orig_hw
-        )
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        seconds = time.perf_counter() - start
-        teacher_masks = None
+        result, input_hw = _evaluate_image(model, sample, image_size, settings, dev)
         if teacher is not None:
-            teacher_masks = teacher_masks_original(
+            result.teacher_masks = teacher_masks_original(
                 teacher,
                 teacher_ids,
                 sample.image_id,
                 image_size=image_size,
                 input_hw=input_hw,
-                orig_hw=orig_hw,
+                orig_hw=sample.image.shape[:2],
             )
-        gt = np.asarray(sample.masks, bool)
-        student = masks.cpu().numpy()
-        row = acc.add(
-            ImageResult(
-                image_id=sample.image_id,
-                pred_masks=student,
-                pred_scores=result.iou.float().cpu().numpy(),
-                gt_masks=gt,
-                seconds=seconds,
-                teacher_masks=teacher_masks,
-            )
-        )
+        row = acc.add(result)
         if index < overlays:
-            save_overlay(
-                out / "overlays" / f"{safe_file_name(sample.image_id)}.png",
-                sample.image,
-                gt,
-                student,
-                teacher_masks,
-                captions={
-                    "ground truth": f"ground truth ({len(gt)})",
-                    "student": f"student ({len(student)})",
-                    "teacher": f"teacher ({0 if teacher_masks is None else len(teacher_masks)})",
-                },
-            )
+            _save_overlay(out, sample.image, result)
         bar.set_postfix(iou=f"{row.mean_best_iou:.3f}", masks=row.num_pred)
     metrics = acc.finish()
     _write_outputs(out, metrics, cfg=cfg, checkpoint=checkpoint, split=split, settings=settings)
     return metrics
+
+
+def _open_split(cfg: Config, split: str):
+    """The dataset of ``split`` ("val" or "train"); UserError when unset or empty."""
+    data_path = {"val": cfg.dataset.val_dataset, "train": cfg.dataset.train_dataset}.get(split)
+    if split not in ("val", "train"):
+        raise UserError(f"--split: got {split!r}; allowed: 'val', 'train'")
+    if not data_path:
+        raise UserError(f"dataset.{split}_dataset is not set: nothing to evaluate")
+    dataset = open_dataset(
+        data_path,
+        cfg.dataset.format,
+        skip_bad=cfg.dataset.skip_bad,
+        image_root=cfg.dataset.image_root,
+        include_crowd=cfg.dataset.include_crowd,
+    )
+    if len(dataset) == 0:
+        raise UserError(f"{data_path}: the dataset has no images")
+    return dataset
+
+
+def _evaluate_image(
+    model, sample, image_size: int, settings: GenerationParams, dev: torch.device
+) -> tuple[ImageResult, tuple[int, int]]:
+    """The student's everything-mode masks of one sample (original frame) against its ground
+    truth, and the resized image's (h, w) in the input frame; ``seconds`` times generation and
+    upscaling only (synchronised on CUDA)."""
+    orig_hw = sample.image.shape[:2]
+    image, input_hw = to_model_input(sample.image, image_size)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    start = time.perf_counter()
+    result = generate_everything(
+        model, image[None].to(dev), [input_hw], [orig_hw], **settings.generator_kwargs()
+    )[0]
+    masks = lowres_to_masks(
+        result.logits, image_size=image_size, input_hw=input_hw, orig_hw=orig_hw
+    )
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    scored = ImageResult(
+        image_id=sample.image_id,
+        pred_masks=masks.cpu().numpy(),
+        pred_scores=result.iou.float().cpu().numpy(),
+        gt_masks=np.asarray(sample.masks, bool),
+        seconds=time.perf_counter() - start,
+    )
+    return scored, input_hw
+
+
+def _save_overlay(out: Path, image: np.ndarray, result: ImageResult) -> None:
+    gt, student, teacher = result.gt_masks, result.pred_masks, result.teacher_masks
+    save_overlay(
+        out / "overlays" / f"{safe_file_name(result.image_id)}.png",
+        image,
+        gt,
+        student,
+        teacher,
+        captions={
+            "ground truth": f"ground truth ({len(gt)})",
+            "student": f"student ({len(student)})",
+            "teacher": f"teacher ({0 if teacher is None else len(teacher)})",
+        },
+    )
 
 
 def _same_images(teacher: CacheReader | None, dataset, split: str) -> CacheReader | None:
