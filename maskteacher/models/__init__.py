@@ -7,10 +7,10 @@ SAM-HQ entries (``HQ_TYPES``) are ``segment_anything_hq.modeling.Sam`` models, f
 package's tools (:mod:`maskteacher.models.sam_hq`, :mod:`maskteacher.models.hq`).
 """
 
+from maskteacher.models.backbone import detect_backbone
 from maskteacher.models.build import build_sam
 from maskteacher.models.checkpoint import (
     LoadReport,
-    detect_backbone,
     export_official,
     load_checkpoint,
     read_state_dict,

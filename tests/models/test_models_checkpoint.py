@@ -20,7 +20,7 @@ from maskteacher.models import (
     read_state_dict,
     sha256_file,
 )
-from maskteacher.models.checkpoint import registry_signatures
+from maskteacher.models.backbone import registry_signatures
 
 
 def _one_line(exc: pytest.ExceptionInfo) -> str:
