@@ -34,6 +34,7 @@ from maskteacher.train.plan import (
     refuse_silent_epochs,
 )
 from maskteacher.train.schedule import EpochPlan, Freeze, LambdaPlateau, Stage
+from maskteacher.train.student import use_point_decoding
 from maskteacher.train.supervision import build_strategy, strategy_name
 from maskteacher.train.supervision.base import SupervisionStrategy
 from maskteacher.train.supervision.criterion import MaskCriterion
@@ -190,7 +191,7 @@ def run_settings(cfg: Config) -> RunSettings:
         batch_size=t.batch_size,
         points_per_batch=t.points_per_batch,
         checkpoint_decoder=t.checkpoint_decoder,
-        point_decoding=point_decoding(t.point_decoding, t.loss_points, m.image_size),
+        point_decoding=use_point_decoding(t.point_decoding, t.loss_points, m.image_size),
         compile=t.compile,
         log_every=t.log_every,
         val_freq=t.val_freq,
@@ -203,13 +204,6 @@ def run_settings(cfg: Config) -> RunSettings:
             checkpoint_every=t.checkpoint_every,
         ),
     )
-
-
-def point_decoding(enabled: bool, loss_points: int | None, image_size: int) -> bool:
-    """Decode at sampled pixels only when the losses sample fewer pixels than the low-res map
-    has (``train.point_decoding`` with ``train.loss_points``; otherwise every pixel has a loss
-    and needs the dense map with gradients)."""
-    return enabled and loss_points is not None and loss_points < (image_size // 4) ** 2
 
 
 def epoch_plan(cfg: Config) -> EpochPlan:

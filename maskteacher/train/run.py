@@ -12,7 +12,6 @@ import json
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,7 +39,13 @@ from maskteacher.train.engine import (
 )
 from maskteacher.train.logger import TrainLogger
 from maskteacher.train.plan import RunPlan, RunSettings
-from maskteacher.train.run_folder import RunLock, check_save_dir, remove_stale_temp, writing
+from maskteacher.train.run_folder import (
+    RunLock,
+    check_save_dir,
+    remove_stale_temp,
+    resume_path,
+    writing,
+)
 from maskteacher.train.schedule import EpochSettings, build_optimizer, build_scheduler
 from maskteacher.train.student import StudentForward
 from maskteacher.train.supervision.base import StepContext
@@ -101,18 +106,6 @@ def _optimization(sam: nn.Module, s: RunSettings, num_batches: int):
         min_lr_ratio=s.min_lr_ratio,
     )
     return optimizer, scheduler
-
-
-def _resume_path(resume: bool | str, save_dir: Path) -> Path | None:
-    if resume is False:
-        return None
-    if resume is True:
-        path = save_dir / LAST
-        if not path.is_file():
-            log.info("train.resume: true but %s does not exist yet; starting fresh", path)
-            return None
-        return path
-    return Path(resume)
 
 
 @dataclass
@@ -214,7 +207,7 @@ class TrainingRun:
     def resume(self) -> None:
         """Load the checkpoint ``train.resume`` names, if any (model, optimiser, RNG, ...)."""
         s = self.settings
-        path = _resume_path(s.resume, s.save_dir)
+        path = resume_path(s.resume, s.save_dir / LAST)
         if path is None:
             return
         ckpt = load_training_checkpoint(path, model_type=s.model_type, image_size=s.image_size)

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from maskteacher.errors import UserError
+
+log = logging.getLogger(__name__)
 
 LOCK = ".run.lock"
 
@@ -109,3 +112,17 @@ def remove_stale_temp(save_dir: Path) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+def resume_path(resume: bool | str, last: Path) -> Path | None:
+    """The checkpoint a run resumes from: None for ``train.resume: false``; for ``true`` the
+    run folder's ``last`` checkpoint when it exists (else None: a fresh start, logged); a path
+    as given (a missing file is refused when it is loaded)."""
+    if resume is False:
+        return None
+    if resume is True:
+        if not last.is_file():
+            log.info("train.resume: true but %s does not exist yet; starting fresh", last)
+            return None
+        return last
+    return Path(resume)

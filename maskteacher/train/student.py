@@ -119,6 +119,13 @@ class PointHead:
             )  # fmt: skip
 
 
+def use_point_decoding(enabled: bool, loss_points: int | None, image_size: int) -> bool:
+    """Decode at sampled pixels only when the losses sample fewer pixels than the low-res map
+    has (``train.point_decoding`` with ``train.loss_points``; otherwise every pixel has a loss
+    and needs the dense map with gradients)."""
+    return enabled and loss_points is not None and loss_points < (image_size // 4) ** 2
+
+
 @dataclass
 class Predictions:
     """Student outputs for a batch (P prompts, K masks per prompt, L = S / 4).

@@ -10,11 +10,10 @@ import torch
 from golden_trace import trace
 
 from maskteacher.models import build_sam
-from maskteacher.train.builders import point_decoding
 from maskteacher.train.data.batch import PromptSet, TrainSample, collate
 from maskteacher.train.engine import compute_loss
 from maskteacher.train.schedule import EpochSettings
-from maskteacher.train.student import StudentForward, run_forward
+from maskteacher.train.student import StudentForward, run_forward, use_point_decoding
 from maskteacher.train.supervision.base import StepContext
 from maskteacher.train.supervision.criterion import MaskCriterion
 from maskteacher.train.supervision.gt import GTSupervision, SingleSupervision
@@ -89,7 +88,7 @@ def test_no_grad_logits_equal_dense_and_the_head_decodes_them(multimask, chunk, 
     pixels = torch.randint((S // 4) ** 2, (4, 40), generator=torch.Generator().manual_seed(2))
     want = dense.logits.flatten(0, 1).flatten(1)[rows].gather(1, pixels)
     got = sampled.point_head.logits_at(rows, pixels)
-    assert float((got - want).detach().abs().max()) <= 1e-5 * max(1.0, float(want.abs().max()))
+    assert float((got - want).detach().abs().max()) <= 1e-5 * max(1.0, float(want.detach().abs().max()))
 
 
 def _loss_and_grads(strategy, batch, *, point: bool, ckpt: bool = False, multimask=False):
@@ -136,10 +135,10 @@ def test_a_loss_on_all_pixels_refuses_point_decoding():
 
 
 def test_point_decoding_only_when_losses_sample_fewer_pixels():
-    assert point_decoding(True, 64, 64)  # 64 of 16 x 16 = 256 pixels
-    assert not point_decoding(True, 256, 64)
-    assert not point_decoding(True, None, 1024)
-    assert not point_decoding(False, 64, 1024)
+    assert use_point_decoding(True, 64, 64)  # 64 of 16 x 16 = 256 pixels
+    assert not use_point_decoding(True, 256, 64)
+    assert not use_point_decoding(True, None, 1024)
+    assert not use_point_decoding(False, 64, 1024)
 
 
 def test_training_curves_equal_dense():

@@ -352,3 +352,19 @@ def test_a_cache_whose_teacher_kept_nothing_is_refused(method, sample_data, tmp_
         model={"save_path": str(tmp_path / "c")},
     )  # fmt: skip
     assert train(cfg).epochs_done == 1
+
+
+def test_resume_path_rules(tmp_path, caplog):
+    """train.resume: false -> none; true -> the folder's last.pt when it exists, else a fresh
+    start (logged); a path -> that path (a missing one is refused when loaded, tested above)."""
+    from maskteacher.train.run_folder import resume_path
+
+    last = tmp_path / "last.pt"
+    assert resume_path(False, last) is None
+    with caplog.at_level("INFO", logger="maskteacher.train.run_folder"):
+        assert resume_path(True, last) is None
+    assert "starting fresh" in caplog.text
+    last.write_bytes(b"x")
+    assert resume_path(True, last) == last
+    assert resume_path(False, last) is None
+    assert resume_path(str(tmp_path / "other.pt"), last) == tmp_path / "other.pt"
