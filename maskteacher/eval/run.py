@@ -136,12 +136,13 @@ def _evaluate_image(
     )
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - start
     scored = ImageResult(
         image_id=sample.image_id,
         pred_masks=masks.cpu().numpy(),
         pred_scores=result.iou.float().cpu().numpy(),
         gt_masks=np.asarray(sample.masks, bool),
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
     )
     return scored, input_hw
 
