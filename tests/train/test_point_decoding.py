@@ -88,7 +88,9 @@ def test_no_grad_logits_equal_dense_and_the_head_decodes_them(multimask, chunk, 
     pixels = torch.randint((S // 4) ** 2, (4, 40), generator=torch.Generator().manual_seed(2))
     want = dense.logits.flatten(0, 1).flatten(1)[rows].gather(1, pixels)
     got = sampled.point_head.logits_at(rows, pixels)
-    assert float((got - want).detach().abs().max()) <= 1e-5 * max(1.0, float(want.detach().abs().max()))
+    assert float((got - want).detach().abs().max()) <= 1e-5 * max(
+        1.0, float(want.detach().abs().max())
+    )
 
 
 def _loss_and_grads(strategy, batch, *, point: bool, ckpt: bool = False, multimask=False):
