@@ -129,6 +129,51 @@ def decode_points_state(
     )
 
 
+def output_tokens(decoder: torch.nn.Module) -> torch.Tensor:
+    """(T, C) the decoder's own output tokens: the IoU token, the mask tokens and, for a SAM-HQ
+    decoder, its HQ token (``hf_token``) after them, as ``predict_masks`` concatenates them."""
+    weights = [decoder.iou_token.weight, decoder.mask_tokens.weight]
+    if hasattr(decoder, "hf_token"):  # SAM-HQ
+        weights.append(decoder.hf_token.weight)
+    return torch.cat(weights, dim=0)
+
+
+def run_transformer(
+    model: Sam, src: torch.Tensor, sparse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two-way transformer step of ``predict_masks``. src: (P, C, E, E) each prompt's image
+    embedding plus its dense prompt embedding; sparse: (P, T, C) the prompt encoder's sparse
+    embeddings. Returns hs (P, T', C), the output tokens then the prompt tokens, and the
+    image-side output (P, C, E, E) -- the prompt-conditioned image embedding."""
+    decoder = model.mask_decoder
+    num = sparse.shape[0]
+    tokens = torch.cat([output_tokens(decoder).expand(num, -1, -1), sparse], dim=1)
+    pos = model.prompt_encoder.get_dense_pe().expand(num, -1, -1, -1)
+    p, c, h, w = src.shape
+    hs, out = decoder.transformer(src, pos, tokens)
+    return hs, out.transpose(1, 2).reshape(p, c, h, w)
+
+
+def decoder_state(
+    decoder: torch.nn.Module,
+    hs: torch.Tensor,
+    image: torch.Tensor,
+    *,
+    multimask_output: bool,
+    return_tokens: bool,
+) -> DecoderState:
+    """The heads of ``predict_masks`` on :func:`run_transformer`'s outputs, with its multimask
+    slicing (hypernetworks, IoU head; the upscaling is left to :func:`upscale_masks`)."""
+    selected = range(1, decoder.num_mask_tokens) if multimask_output else range(0, 1)
+    mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
+    hyper_in = torch.stack(
+        [decoder.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in selected], dim=1
+    )  # (P, K, C/8)
+    iou = decoder.iou_prediction_head(hs[:, 0, :])[:, selected.start : selected.stop]
+    out_tokens = mask_tokens_out[:, selected.start : selected.stop, :] if return_tokens else None
+    return DecoderState(src=image, hyper_in=hyper_in, iou_pred=iou, tokens=out_tokens)
+
+
 def run_decoder(
     model: Sam,
     src: torch.Tensor,
@@ -138,24 +183,15 @@ def run_decoder(
     return_tokens: bool,
 ) -> DecoderState:
     """segment-anything's ``MaskDecoder.predict_masks`` up to the upscaling, with its multimask
-    slicing. src: (P, C, E, E) each prompt's image embedding plus its dense prompt embedding;
-    sparse: (P, T, C) the prompt encoder's sparse embeddings."""
-    decoder = model.mask_decoder
-    selected = range(1, decoder.num_mask_tokens) if multimask_output else range(0, 1)
-    num = sparse.shape[0]
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat([output_tokens.expand(num, -1, -1), sparse], dim=1)
-    pos = model.prompt_encoder.get_dense_pe().expand(num, -1, -1, -1)
-    p, c, h, w = src.shape
-    hs, src = decoder.transformer(src, pos, tokens)
-    mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
-    hyper_in = torch.stack(
-        [decoder.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in selected], dim=1
-    )  # (P, K, C/8)
-    iou = decoder.iou_prediction_head(hs[:, 0, :])[:, selected.start : selected.stop]
-    out_tokens = mask_tokens_out[:, selected.start : selected.stop, :] if return_tokens else None
-    image = src.transpose(1, 2).reshape(p, c, h, w)
-    return DecoderState(src=image, hyper_in=hyper_in, iou_pred=iou, tokens=out_tokens)
+    slicing (arguments as :func:`run_transformer`)."""
+    hs, image = run_transformer(model, src, sparse)
+    return decoder_state(
+        model.mask_decoder,
+        hs,
+        image,
+        multimask_output=multimask_output,
+        return_tokens=return_tokens,
+    )
 
 
 def upscale_masks(decoder: torch.nn.Module, state: DecoderState) -> torch.Tensor:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from maskteacher.models.decode import decoder_state, run_transformer, upscale_masks
+
 
 @dataclass
 class PromptDecoding:
@@ -37,13 +39,6 @@ class PromptDecoding:
     tokens: torch.Tensor | None
     mask_tokens: torch.Tensor
     image_tokens: torch.Tensor
-
-
-def _output_tokens(decoder: nn.Module) -> torch.Tensor:
-    weights = [decoder.iou_token.weight, decoder.mask_tokens.weight]
-    if hasattr(decoder, "hf_token"):  # SAM-HQ
-        weights.append(decoder.hf_token.weight)
-    return torch.cat(weights, dim=0)
 
 
 def decode_features(
@@ -65,26 +60,16 @@ def decode_features(
     pts = None if points is None else (points, labels)
     sparse, dense = model.prompt_encoder(points=pts, boxes=boxes, masks=None)
     decoder = model.mask_decoder
-    num = sparse.shape[0]
-    tokens = torch.cat([_output_tokens(decoder).expand(num, -1, -1), sparse], dim=1)
     src = image_embeddings.index_select(0, image_index.to(image_embeddings.device)) + dense
-    pos = model.prompt_encoder.get_dense_pe().expand(num, -1, -1, -1)
-    p, c, h, w = src.shape
-    hs, src = decoder.transformer(src, pos, tokens)
+    hs, image_tokens = run_transformer(model, src, sparse)
     mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
-    image_tokens = src.transpose(1, 2).reshape(p, c, h, w)
     if hasattr(decoder, "hf_token"):
         return PromptDecoding(None, None, None, mask_tokens, image_tokens)
-    selected = range(1, decoder.num_mask_tokens) if multimask_output else range(0, 1)
-    upscaled = decoder.output_upscaling(image_tokens)
-    hyper_in = torch.stack(
-        [decoder.output_hypernetworks_mlps[i](mask_tokens[:, i, :]) for i in selected], dim=1
+    state = decoder_state(
+        decoder, hs, image_tokens, multimask_output=multimask_output, return_tokens=True
     )
-    _, c8, lh, lw = upscaled.shape
-    masks = (hyper_in @ upscaled.reshape(p, c8, lh * lw)).reshape(p, len(selected), lh, lw)
-    iou = decoder.iou_prediction_head(hs[:, 0, :])[:, selected.start : selected.stop]
-    chosen = mask_tokens[:, selected.start : selected.stop, :]
-    return PromptDecoding(masks, iou, chosen, mask_tokens, image_tokens)
+    masks = upscale_masks(decoder, state)
+    return PromptDecoding(masks, state.iou_pred, state.tokens, mask_tokens, image_tokens)
 
 
 def _cat(parts: list[PromptDecoding], order: torch.Tensor) -> PromptDecoding:
